@@ -1,0 +1,174 @@
+"""Both diffusion tasks of DiffDis and the unified training objective (METHOD.md; paper Alg. 1).
+
+- Generation: z_t = √ᾱ z + √(1−ᾱ) ε, the UNet predicts ε from (z_t, t_z, c); the text token is absent.
+- Alignment: e_t = γ·√ᾱ·(s·e_0) + √(1−ᾱ)·ε_e with e_0 unit-norm and s = √d, the UNet predicts the clean
+  query ê_0 from (e_t, t_e, z) with the caption condition masked and the latent clean (t_z = 0).
+- L = L_IG + λ·L_ITA, both passes on every batch, t_z and t_e drawn independently.
+The schedule is diffusers' (SD's scaled-linear β); this module owns noising and masking, not the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import nn
+
+from pretrain.losses import LearnableTemperature, symmetric_info_nce
+from pretrain.model import DiffDisModel
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    query_gamma: float = 1.0  # γ ∈ (0, 1]
+    query_scale_sqrt_dim: bool = True  # multiply the unit query by √d before noising
+    cfg_dropout: float = 0.1  # drop c (generation) / z (alignment) with this probability
+
+    def validate(self) -> None:
+        if not 0.0 < self.query_gamma <= 1.0:
+            raise ValueError(f"query_gamma={self.query_gamma} must lie in (0, 1]")
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ValueError(f"cfg_dropout={self.cfg_dropout} must lie in [0, 1)")
+
+
+@dataclass
+class LossConfig:
+    align_weight: float = 1.0  # λ
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    learn_temperature: bool = True
+
+
+def train_scheduler(config: DiffusionConfig) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+    )
+
+
+def ddim_sampler(config: DiffusionConfig, prediction_type: str) -> DDIMScheduler:
+    """DDIM over the training schedule with "trailing" spacing, so that even a one-step chain starts
+    at t = T−1 (pure noise) as in Lin et al. 2024, "Common Diffusion Noise Schedules … are Flawed".
+    ``prediction_type`` is "epsilon" for images and "sample" (x0) for the text query."""
+    return DDIMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        prediction_type=prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        timestep_spacing="trailing",
+    )
+
+
+def query_to_diffusion_space(query: torch.Tensor, config: DiffusionConfig) -> torch.Tensor:
+    """The clean diffusion variable of the alignment task: γ·s·e/‖e‖ with s = √d (or 1).
+
+    Only the direction of ê_0 is scored by the loss, so predictions are mapped back onto this sphere
+    before a DDIM step as well."""
+    scale = math.sqrt(query.shape[-1]) if config.query_scale_sqrt_dim else 1.0
+    return config.query_gamma * scale * F.normalize(query, dim=-1)
+
+
+def add_noise(clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε (DDPM, Ho et al. 2020, eq. 4), broadcast over any trailing dims."""
+    abar = alphas_cumprod[timesteps].to(clean.dtype).view(-1, *([1] * (clean.dim() - 1)))
+    return abar.sqrt() * clean + (1 - abar).sqrt() * noise
+
+
+def drop_mask(batch: int, probability: float, device: torch.device) -> torch.Tensor:
+    """Per-sample classifier-free-guidance dropout mask (True = drop)."""
+    return torch.rand(batch, device=device) < probability
+
+
+class DiffDisObjective(nn.Module):
+    """The module the trainer optimises: runs both passes on a batch and returns the losses.
+
+    It owns the learnable temperature (a training-only parameter) and the schedule constants; the
+    model it wraps stays free of training logic. ``rank``/``world_size`` select the global-batch negatives.
+    """
+
+    def __init__(
+        self,
+        model: DiffDisModel,
+        diffusion: DiffusionConfig,
+        loss: LossConfig,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__()
+        self.model = model
+        self.diffusion = diffusion
+        self.loss_config = loss
+        self.rank, self.world_size = rank, world_size
+        self.temperature = LearnableTemperature(loss.init_temperature, loss.max_logit_scale, loss.learn_temperature)
+        self.register_buffer(
+            "alphas_cumprod", train_scheduler(diffusion).alphas_cumprod.clone().float(), persistent=False
+        )
+
+    @property
+    def has_generation(self) -> bool:
+        return self.model.config.generation
+
+    @property
+    def has_alignment(self) -> bool:
+        return self.model.config.discrimination
+
+    def _random_timesteps(self, batch: int, device: torch.device) -> torch.Tensor:
+        return torch.randint(0, self.diffusion.num_train_timesteps, (batch,), device=device)
+
+    def generation_loss(self, latents: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """L_IG: ε-prediction MSE; c dropped to the null context with probability cfg_dropout."""
+        batch = latents.shape[0]
+        noise = torch.randn_like(latents)
+        timesteps = self._random_timesteps(batch, latents.device)
+        noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod)
+        drop = drop_mask(batch, self.diffusion.cfg_dropout, latents.device)
+        context = self.model.unet.mask_context(condition, drop)
+        prediction = self.model(noisy, timesteps, context).noise_pred
+        return F.mse_loss(prediction.float(), noise.float())
+
+    def alignment_prediction(self, latents: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """ê_0 from the noisy query at a random t_e, conditioned on the clean latent (null with
+        probability cfg_dropout) and the masked caption condition."""
+        batch = latents.shape[0]
+        clean = query_to_diffusion_space(query.detach(), self.diffusion)
+        timesteps = self._random_timesteps(batch, latents.device)
+        noisy = add_noise(clean, torch.randn_like(clean), timesteps, self.alphas_cumprod)
+        drop = drop_mask(batch, self.diffusion.cfg_dropout, latents.device).view(-1, *([1] * (latents.dim() - 1)))
+        image = torch.where(drop, torch.zeros_like(latents), latents)
+        zero_t = torch.zeros(batch, dtype=torch.long, device=latents.device)
+        return self.model(image, zero_t, None, query=noisy, query_timesteps=timesteps, run_decoder=False).query_pred
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixels: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Both passes on the same pairs (not alternating tasks). Give ``pixels`` or precomputed ``latents``."""
+        if latents is None:
+            if pixels is None:
+                raise ValueError("the batch has neither 'pixels' nor 'latents'")
+            latents = self.model.encode_images(pixels)
+        text = self.model.encode_text(input_ids, attention_mask)
+        zero = latents.new_zeros(())
+        loss_gen = self.generation_loss(latents, text.condition) if self.has_generation else zero
+        loss_align = zero
+        if self.has_alignment:
+            prediction = self.alignment_prediction(latents, text.query)
+            loss_align = symmetric_info_nce(prediction, text.query, self.temperature(), self.rank, self.world_size)
+        loss = loss_gen + self.loss_config.align_weight * loss_align
+        return {"loss": loss, "loss_gen": loss_gen.detach(), "loss_align": loss_align.detach(),
+                "logit_scale": self.temperature().detach()}

@@ -1,0 +1,65 @@
+"""Losses of the unified objective: ε-MSE for generation, symmetric InfoNCE for alignment.
+
+Like open_clip's ``ClipLoss``, the contrastive loss takes ``rank``/``world_size`` explicitly and the
+gather is a free function, so the distributed loss is testable in one process.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def gather_with_grad(features: torch.Tensor, world_size: int) -> torch.Tensor:
+    """All ranks' ``features`` concatenated in rank order, differentiable w.r.t. every rank's slice.
+
+    ``torch.distributed.nn.functional.all_gather`` backpropagates by reduce-scattering the gradients,
+    so rank r's features receive the gradient of every rank's loss terms that used them.
+    """
+    if world_size == 1:
+        return features
+    from torch.distributed.nn.functional import all_gather  # noqa: PLC0415 - needs an initialised group
+
+    return torch.cat(all_gather(features.contiguous()), dim=0)
+
+
+def symmetric_info_nce(
+    predictions: torch.Tensor, targets: torch.Tensor, logit_scale: torch.Tensor, rank: int = 0, world_size: int = 1
+) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy on s_ij = scale·cos(ê_0,i, e_j) over the *global* batch.
+
+    Each rank scores its own rows against all gathered columns (and vice versa); the mean over ranks
+    of these local losses equals the single-process loss on the concatenated batch, and so do the
+    averaged gradients.
+    """
+    predictions = F.normalize(predictions, dim=-1)
+    targets = F.normalize(targets, dim=-1)
+    all_predictions = gather_with_grad(predictions, world_size)
+    all_targets = gather_with_grad(targets, world_size)
+    labels = torch.arange(predictions.shape[0], device=predictions.device) + rank * predictions.shape[0]
+    logits_pred_to_text = logit_scale * predictions @ all_targets.T
+    logits_text_to_pred = logit_scale * targets @ all_predictions.T
+    return 0.5 * (F.cross_entropy(logits_pred_to_text, labels) + F.cross_entropy(logits_text_to_pred, labels))
+
+
+class LearnableTemperature(nn.Module):
+    """log(1/τ) as a parameter, initialised to 1/0.07 (CLIP); the scale exp(·) is clamped at ``max_scale``."""
+
+    def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0, learnable: bool = True):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learnable)
+        self.max_scale = max_scale
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=self.max_scale)
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world_size) of the default process group, (0, 1) when none is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

@@ -1,0 +1,108 @@
+"""Typed configuration of the DiffDis model (architecture only; nothing about training)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class AutoencoderConfig:
+    """The frozen image autoencoder V/D that maps pixels to the diffusion latent.
+
+    ``identity`` diffuses in pixel space (the tiny CPU configs); ``kl`` is diffusers' AutoencoderKL,
+    loaded from ``pretrained_path`` when given, else randomly initialised from the fields below (only
+    useful for shape and throughput tests: a random frozen VAE cannot reconstruct).
+    """
+
+    kind: Literal["identity", "kl"] = "identity"
+    pretrained_path: str | None = None
+    latent_channels: int = 4
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+
+    def validate(self) -> None:
+        if self.kind == "kl" and not self.pretrained_path and len(self.block_out_channels) < 1:
+            raise ValueError("autoencoder.block_out_channels must list at least one width")
+
+
+@dataclass
+class TextEncoderConfig:
+    """CLIP-style text transformer producing the condition c (token states) and query e (pooled EOS)."""
+
+    pretrained_path: str | None = None
+    tokenizer_path: str | None = None
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 256
+    projection_dim: int = 64
+    max_length: int = 32
+    tokenizer_vocab_size: int = 1000
+    trainable: bool = True
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+
+
+@dataclass
+class UNetConfig:
+    """The dual-stream UNet: joint stream (encoder path + middle block), decoder path, discrimination head.
+
+    ``attention_levels[i]`` puts a dual-stream deep-fusion block after every ResBlock of encoder level i
+    (and a cross-attention block in the matching decoder level); the middle block always has one.
+    ``transformer_depth`` is K (joint layers per fusion block), ``head_depth`` is M.
+    """
+
+    block_channels: list[int] = field(default_factory=lambda: [32, 64])
+    attention_levels: list[bool] = field(default_factory=lambda: [False, True])
+    layers_per_block: int = 1
+    head_dim: int = 32
+    transformer_depth: int = 1
+    head_depth: int = 2
+    norm_groups: int = 8
+    ff_mult: int = 4
+
+    def validate(self) -> None:
+        if len(self.attention_levels) != len(self.block_channels):
+            raise ValueError(
+                f"attention_levels has {len(self.attention_levels)} entries but block_channels has "
+                f"{len(self.block_channels)}: give one flag per level"
+            )
+        for width in self.block_channels:
+            if width % self.norm_groups:
+                raise ValueError(f"block_channels entry {width} is not divisible by norm_groups={self.norm_groups}")
+            if width % self.head_dim and width > self.head_dim:
+                raise ValueError(f"block_channels entry {width} is not divisible by head_dim={self.head_dim}")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the network. ``generation``/``discrimination`` select the streams:
+    both for DiffDis, ``discrimination=False`` for the gen-only baseline (no text stream, no head),
+    ``generation=False`` for the dis-only baseline (no decoder path)."""
+
+    image_size: int = 16
+    image_channels: int = 3
+    generation: bool = True
+    discrimination: bool = True
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+
+    def validate(self) -> None:
+        if not (self.generation or self.discrimination):
+            raise ValueError("at least one of model.generation / model.discrimination must be true")
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    """Rebuild a saved ModelConfig (the model package reads no config files; the run config loader
+    with its strict checks lives in ``pretrain.config_io``)."""
+    return ModelConfig(
+        **{k: v for k, v in data.items() if k not in ("autoencoder", "text_encoder", "unet")},
+        autoencoder=AutoencoderConfig(**data.get("autoencoder", {})),
+        text_encoder=TextEncoderConfig(**data.get("text_encoder", {})),
+        unet=UNetConfig(**data.get("unet", {})),
+    )

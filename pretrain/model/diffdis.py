@@ -1,0 +1,126 @@
+"""DiffDisModel: autoencoder + text encoder + dual-stream UNet, with a save/load round trip.
+
+The model knows nothing of training: noise schedules, task masking and losses live in
+``pretrain.diffusion`` and ``pretrain.losses``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import CLIPTextConfig
+
+from pretrain.model.autoencoder import build_autoencoder, kl_vae_config
+from pretrain.model.config import ModelConfig, model_config_from_dict
+from pretrain.model.text_encoder import TextEncoder, TextFeatures, TokenizerSpec
+from pretrain.model.unet import DualStreamUNet, UNetOutput
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class DiffDisModel(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        tokens: TokenizerSpec,
+        text_hf_config: CLIPTextConfig | None = None,
+        vae_config: dict | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.tokens = tokens
+        self.autoencoder = build_autoencoder(config.autoencoder, config.image_channels, vae_config)
+        if text_hf_config is not None:
+            self.text_encoder = TextEncoder(text_hf_config)
+        else:
+            self.text_encoder = TextEncoder.build(config.text_encoder, tokens)
+        self.text_encoder.requires_grad_(config.text_encoder.trainable)
+        self.unet = DualStreamUNet(
+            config.unet,
+            latent_channels=self.autoencoder.latent_channels,
+            context_dim=self.text_encoder.hidden_size,
+            query_dim=self.text_encoder.query_dim,
+            generation=config.generation,
+            discrimination=config.discrimination,
+        )
+
+    @property
+    def latent_size(self) -> int:
+        return self.config.image_size // self.autoencoder.downscale
+
+    @property
+    def latent_channels(self) -> int:
+        return self.autoencoder.latent_channels
+
+    @property
+    def query_dim(self) -> int:
+        return self.text_encoder.query_dim
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] → latents z (the frozen encoder V)."""
+        return self.autoencoder.encode(pixels)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → pixels in [-1, 1] (the frozen decoder D)."""
+        return self.autoencoder.decode(latents).clamp(-1, 1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TextFeatures:
+        return self.text_encoder(input_ids, attention_mask)
+
+    def forward(self, *args, **kwargs) -> UNetOutput:
+        """Φ_θ: see :meth:`DualStreamUNet.forward`."""
+        return self.unet(*args, **kwargs)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def _saved_config(self) -> dict:
+        vae = getattr(self.autoencoder, "vae", None)
+        return {
+            "model": asdict(self.config),
+            "tokens": asdict(self.tokens),
+            "text_encoder_hf": self.text_encoder.model.config.to_dict(),
+            "vae": dict(vae.config) if vae is not None else None,
+        }
+
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (all weights, autoencoder included, so the
+        folder is self-contained). ``state_dict`` overrides the live weights (e.g. EMA weights)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
+        save_file(weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        (directory / CONFIG_NAME).write_text(json.dumps(self._saved_config(), indent=2, default=str))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> DiffDisModel:
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} is missing: not a saved DiffDis model folder")
+        saved = json.loads((directory / CONFIG_NAME).read_text())
+        vae = saved.get("vae")
+        model = cls(
+            model_config_from_dict(saved["model"]),
+            TokenizerSpec(**saved["tokens"]),
+            text_hf_config=CLIPTextConfig.from_dict(saved["text_encoder_hf"]),
+            vae_config={k: v for k, v in vae.items() if not k.startswith("_")} if vae else None,
+        )
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"{directory / WEIGHTS_NAME} does not match its config.json: "
+                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        return model.to(map_location)
+
+
+__all__ = ["DiffDisModel", "TextFeatures", "TokenizerSpec", "UNetOutput", "kl_vae_config"]

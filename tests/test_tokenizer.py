@@ -1,0 +1,127 @@
+"""Tests for the offline byte-level BPE tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipeline.digits import TRAIN_TEMPLATES, caption_for, class_prompts
+from pretrain.model.tokenizer import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    load_tokenizer,
+    special_token_ids,
+    tokenize,
+    train_tokenizer,
+)
+
+MAX_LENGTH = 16
+TRAIN_CAPTIONS = [caption_for(label, t) for label in range(10) for t in range(len(TRAIN_TEMPLATES))]
+LONG_CAPTION = " ".join(caption_for(label, 0) for label in range(10))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TRAIN_CAPTIONS, vocab_size=500, max_length=MAX_LENGTH)
+
+
+def test_special_token_ids(tokenizer) -> None:
+    ids = special_token_ids(tokenizer)
+    assert ids == {
+        "bos": tokenizer.convert_tokens_to_ids(BOS_TOKEN),
+        "eos": tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+        "pad": tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+    }
+    assert len(set(ids.values())) == 3
+    assert ids["eos"] != 2  # 2 would switch CLIP's text model to its legacy argmax pooling
+    assert tokenizer.model_max_length == MAX_LENGTH
+    assert len(tokenizer) <= 500
+
+
+def test_every_text_is_wrapped_in_bos_eos(tokenizer) -> None:
+    ids = special_token_ids(tokenizer)
+    encoded = tokenizer("a handwritten 7")["input_ids"]
+    assert encoded[0] == ids["bos"] and encoded[-1] == ids["eos"]
+    assert encoded.count(ids["eos"]) == 1 and encoded.count(ids["bos"]) == 1
+    assert tokenizer.decode(encoded, skip_special_tokens=True).strip() == "a handwritten 7"
+
+
+def test_lowercase_normalisation(tokenizer) -> None:
+    shouted = tokenizer("A Photo of the NUMBER Seven")["input_ids"]
+    assert shouted == tokenizer("a photo of the number seven")["input_ids"]
+
+
+def test_training_words_become_single_tokens(tokenizer) -> None:
+    # BPE merges frequent caption words, so the class word is one token, not letters.
+    content = tokenizer("seven")["input_ids"][1:-1]
+    assert len(content) == 1
+
+
+def test_unseen_word_splits_into_known_pieces(tokenizer) -> None:
+    content = tokenizer("zebra")["input_ids"][1:-1]
+    assert len(content) > 1
+    assert tokenizer.unk_token_id is None or tokenizer.unk_token_id not in content
+    assert all(0 <= i < len(tokenizer) for i in content)
+    assert set(content).isdisjoint(special_token_ids(tokenizer).values())
+    assert tokenizer.decode(content).strip() == "zebra"
+
+
+def test_eval_prompts_roundtrip_through_decode(tokenizer) -> None:
+    for per_class in class_prompts():
+        for prompt in per_class:
+            ids = tokenizer(prompt)["input_ids"]
+            assert tokenizer.decode(ids, skip_special_tokens=True).strip() == prompt
+
+
+def test_padding_to_max_length(tokenizer) -> None:
+    ids = special_token_ids(tokenizer)
+    batch = tokenize(tokenizer, ["seven", "a photo of the number two"], MAX_LENGTH)
+    assert set(batch) == {"input_ids", "attention_mask"}
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, MAX_LENGTH)
+    assert batch["input_ids"].dtype == torch.int64
+    first = batch["input_ids"][0].tolist()
+    (seven_id,) = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("seven"))
+    assert first[:3] == [ids["bos"], seven_id, ids["eos"]]
+    assert first[3:] == [ids["pad"]] * (MAX_LENGTH - 3)
+    assert batch["attention_mask"][0].tolist() == [1, 1, 1] + [0] * (MAX_LENGTH - 3)
+    lengths = batch["attention_mask"].sum(dim=1)
+    assert torch.all((batch["input_ids"] != ids["pad"]).sum(dim=1) == lengths)
+
+
+def test_truncation_keeps_exactly_one_eos_last(tokenizer) -> None:
+    ids = special_token_ids(tokenizer)
+    assert len(tokenizer(LONG_CAPTION)["input_ids"]) > 3 * MAX_LENGTH
+    batch = tokenize(tokenizer, [LONG_CAPTION, "nine"], MAX_LENGTH)
+    for row, mask in zip(batch["input_ids"], batch["attention_mask"]):
+        row = row.tolist()
+        content = row[: int(mask.sum())]
+        assert content[0] == ids["bos"]
+        assert content[-1] == ids["eos"]
+        assert row.count(ids["eos"]) == 1
+    long_row = batch["input_ids"][0].tolist()
+    assert ids["pad"] not in long_row and batch["attention_mask"][0].all()
+    # The kept content is the start of the caption.
+    full = tokenizer(LONG_CAPTION)["input_ids"]
+    assert long_row[:-1] == full[: MAX_LENGTH - 1]
+
+
+def test_save_load_round_trip_gives_identical_ids(tokenizer, tmp_path: Path) -> None:
+    captions = ["a photo of the number seven", "zebra crossing", LONG_CAPTION, "THIS IS NINE"]
+    expected = tokenize(tokenizer, captions, MAX_LENGTH)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    for path in (tmp_path / "tok", tmp_path / "tok" / "tokenizer.json", str(tmp_path / "tok")):
+        loaded = load_tokenizer(path)
+        assert special_token_ids(loaded) == special_token_ids(tokenizer)
+        assert loaded.model_max_length == MAX_LENGTH
+        got = tokenize(loaded, captions, MAX_LENGTH)
+        assert torch.equal(got["input_ids"], expected["input_ids"])
+        assert torch.equal(got["attention_mask"], expected["attention_mask"])
+
+
+def test_load_missing_path_names_it(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-tokenizer"
+    with pytest.raises(FileNotFoundError, match="no-such-tokenizer"):
+        load_tokenizer(missing)
