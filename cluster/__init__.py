@@ -1,0 +1,1 @@
+"""Job rendering and submission (Slurm, Kubernetes), launch glue, preemption."""

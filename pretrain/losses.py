@@ -51,11 +51,12 @@ class LearnableTemperature(nn.Module):
 
     def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0, learnable: bool = True):
         super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learnable)
+        # shape (1,), not a 0-dim scalar: DeepSpeed's parameter broadcast cannot view 0-dim tensors
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)), requires_grad=learnable)
         self.max_scale = max_scale
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=self.max_scale)
+        return self.log_scale.exp().clamp(max=self.max_scale).squeeze(0)
 
 
 def distributed_rank_world() -> tuple[int, int]:

@@ -81,7 +81,8 @@ class DualStreamUNet(nn.Module):
                 fusions.append(fusion(width, discrimination) if config.attention_levels[level] else None)
                 cin = width
                 skip_widths.append(width)
-            down = None if is_last else Downsample2D(width, use_conv=True, out_channels=width, padding=1)
+            # name="op": diffusers otherwise keeps a legacy alias (Conv2d_0 = conv) that safetensors rejects
+            down = None if is_last else Downsample2D(width, use_conv=True, out_channels=width, padding=1, name="op")
             if down is not None:
                 skip_widths.append(width)
             self.down_levels.append(_Level(resnets, fusions, down))

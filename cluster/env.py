@@ -1,0 +1,55 @@
+"""Rank and world size from whichever launcher started us: torchrun / the DeepSpeed launcher, Slurm
+(srun), or plain environment variables (Kubernetes indexed jobs set the same names). One place."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_dist_env(environ: dict[str, str] | None = None) -> DistEnv:
+    """torchrun-style variables first, then Slurm's; a single local process when neither is set."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", rank))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+    else:
+        rank, world, local = 0, 1, 0
+    addr = env.get("MASTER_ADDR", "127.0.0.1")
+    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else (free_port() if world == 1 else 29500)
+    return DistEnv(rank, world, local, addr, port)
+
+
+def export_dist_env(dist_env: DistEnv) -> None:
+    """Write the variables torch.distributed's env:// rendezvous reads."""
+    os.environ.update(
+        RANK=str(dist_env.rank),
+        WORLD_SIZE=str(dist_env.world_size),
+        LOCAL_RANK=str(dist_env.local_rank),
+        MASTER_ADDR=dist_env.master_addr,
+        MASTER_PORT=str(dist_env.master_port),
+    )

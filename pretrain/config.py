@@ -1,0 +1,86 @@
+"""The run's typed config tree: one dataclass per component, filled from YAML + dotted overrides.
+
+``RunConfig()`` with no file is the embedded default (the tiny model on built-in digits); the YAML
+files in ``configs/`` only state what differs. The resolved tree is saved in every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pretrain.config_io import load_config
+from pretrain.diffusion import DiffusionConfig, LossConfig
+from pretrain.model.config import ModelConfig
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class DataConfig:
+    """Where training pairs come from. ``digits``: scikit-learn's bundled digits, rendered at
+    ``model.image_size`` with template captions; a fixed held-out split by ``split_seed``."""
+
+    source: Literal["digits"] = "digits"
+    split_seed: int = 0
+    heldout_fraction: float = 0.2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at train.steps
+    grad_clip: float = 1.0  # 0 disables (DeepSpeed's own default would be 1.0: we always set it)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 64  # global batch: per-process micro batch = batch_size / world_size
+    seed: int = 0
+    checkpoint_every: int = 100
+    keep_last: int = 3  # complete checkpoints kept; 0 keeps all
+    log_every: int = 10
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 1
+
+
+@dataclass
+class EvalConfig:
+    ddim_steps: int = 10  # text-query chain length for zero-shot and retrieval
+    guidance: float = 0.0  # CFG weight w against the null latent in the query chain
+    sample_steps: int = 25
+    sample_guidance: float = 3.0
+    batch_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults ← YAML at ``path`` (with ``_base_`` includes) ← dotted overrides; strictly typed."""
+    return load_config(RunConfig, path, list(overrides))

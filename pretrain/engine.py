@@ -1,0 +1,104 @@
+"""The one place the model meets DeepSpeed: device/precision/backend from the environment, the
+optimizer and LR schedule, and ``deepspeed.initialize``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cluster.env import DistEnv, export_dist_env
+from pretrain.config import OptimConfig, RunConfig
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the environment decided: no code edits move a run between CPU and GPU."""
+
+    device: torch.device
+    backend: str  # gloo | nccl
+    bf16: bool
+
+
+def detect_runtime(dist_env: DistEnv, precision: str = "auto") -> Runtime:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist_env.local_rank)
+        device, backend = torch.device("cuda", dist_env.local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return Runtime(device, backend, bf16)
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``
+    (Loshchilov & Hutter 2017, SGDR eq. 5 without restarts)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and convolution kernels; not biases, norms, embeddings' tables or scalars."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or "norm" in name or "embedding" in name or "null_context" in name
+        (no_decay if exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(module: nn.Module, optim: OptimConfig, total_steps: int):
+    """torch AdamW (DeepSpeed's own would JIT-compile an op on CPU) with the warmup+cosine schedule.
+    Frozen parts (the autoencoder, a frozen text encoder) are not in the optimizer at all."""
+    optimizer = torch.optim.AdamW(
+        param_groups(module, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, optim.warmup_steps, total_steps, optim.min_lr_ratio)
+    )
+    return optimizer, schedule
+
+
+def deepspeed_config(config: RunConfig, world_size: int, runtime: Runtime) -> dict:
+    micro, remainder = divmod(config.train.batch_size, world_size)
+    if remainder:
+        raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by {world_size} processes")
+    return {
+        "train_batch_size": config.train.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.optim.grad_clip,
+        "zero_optimization": {"stage": config.deepspeed.zero_stage},
+        "bf16": {"enabled": runtime.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize_engine(module: nn.Module, config: RunConfig, dist_env: DistEnv, runtime: Runtime):
+    """Start torch.distributed (gloo/NCCL) and wrap ``module`` in a DeepSpeed engine."""
+    # DeepSpeed JIT-compiles a shared-memory op on first use on CPU: cache it beside the interpreter.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    import deepspeed  # noqa: PLC0415 - heavy import, only for training
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    export_dist_env(dist_env)
+    deepspeed.init_distributed(dist_backend=runtime.backend, verbose=False)
+    optimizer, schedule = build_optimizer(module, config.optim, config.train.steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module.to(runtime.device),
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=deepspeed_config(config, dist_env.world_size, runtime),
+    )
+    return engine

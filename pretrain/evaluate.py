@@ -1,0 +1,122 @@
+"""Evaluate one checkpoint: zero-shot classification, retrieval, samples (``diffdis eval``/``sample``).
+
+Inference reads only what a checkpoint's ``model/`` folder holds (safetensors weights, config, tokenizer)
+and the run config beside it; no DeepSpeed, nothing downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data_pipeline.dataset import collate_images
+from data_pipeline.digits import TRAIN_TEMPLATES, caption_for, class_prompts, load_digits_split
+from pretrain.checkpoint import COMPLETE, is_complete, latest_complete, step_of
+from pretrain.config import RunConfig
+from pretrain.config_io import load_config
+from pretrain.inference import retrieval, sample_images, zero_shot_classify
+from pretrain.model import DiffDisModel
+from pretrain.model.tokenizer import load_tokenizer
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: DiffDisModel
+    tokenizer: object
+    config: RunConfig
+    step: int | None
+    path: Path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory → its newest complete checkpoint; a checkpoint directory → itself if complete;
+    an exported folder (``model/`` + ``config.yaml``, no marker) → itself."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: give a run directory or a checkpoint directory")
+    if (path / "checkpoints").is_dir():
+        found = latest_complete(path / "checkpoints")
+        if found is None:
+            raise FileNotFoundError(f"{path / 'checkpoints'} holds no complete checkpoint (none has a {COMPLETE} marker)")
+        return found
+    if step_of(path) is not None and not is_complete(path):
+        raise FileNotFoundError(f"{path} has no {COMPLETE} marker: the save was interrupted, use an earlier checkpoint")
+    if not (path / "model" / "config.json").is_file():
+        raise FileNotFoundError(f"{path / 'model'} is missing: {path} is neither a run nor a checkpoint directory")
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    directory = resolve_checkpoint(path)
+    config_file = directory / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing from checkpoint {directory}")
+    model = DiffDisModel.from_pretrained(directory / "model", map_location=device).eval()
+    tokenizer = load_tokenizer(directory / "model" / "tokenizer")
+    return LoadedCheckpoint(model, tokenizer, load_config(RunConfig, config_file), step_of(directory), directory)
+
+
+def heldout_data(config: RunConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Held-out images (pixels in [-1, 1]), labels, and one deterministic caption per image."""
+    split = load_digits_split(
+        "heldout", image_size=config.model.image_size, heldout_fraction=config.data.heldout_fraction,
+        split_seed=config.data.split_seed,
+    )
+    pixels = collate_images([{"image": image} for image in split.images])
+    captions = [caption_for(int(label), i % len(TRAIN_TEMPLATES)) for i, label in enumerate(split.labels)]
+    return pixels, torch.as_tensor(split.labels), captions
+
+
+def evaluate(loaded: LoadedCheckpoint, task: str, steps: int | None = None, guidance: float | None = None) -> dict:
+    """One JSON-able dict of metrics for ``task`` ("zeroshot" or "retrieval") on held-out data."""
+    config = loaded.config
+    steps = config.eval.ddim_steps if steps is None else steps
+    guidance = config.eval.guidance if guidance is None else guidance
+    pixels, labels, captions = heldout_data(config)
+    common = dict(diffusion=config.diffusion, steps=steps, guidance=guidance, seed=config.eval.seed)
+    if task == "zeroshot":
+        metrics = zero_shot_classify(loaded.model, loaded.tokenizer, pixels, labels, class_prompts(), **common)
+    elif task == "retrieval":
+        metrics = retrieval(loaded.model, loaded.tokenizer, pixels, captions, **common)
+    else:
+        raise ValueError(f"unknown eval task {task!r}: expected zeroshot or retrieval")
+    return {"task": task, **metrics, "ddim_steps": steps, "guidance": guidance, "checkpoint_step": loaded.step,
+            "checkpoint": str(loaded.path)}
+
+
+def image_grid(pixels: torch.Tensor, columns: int, min_cell: int = 64) -> Image.Image:
+    """Tile (N, C, H, W) pixels in [-1, 1] into one RGB image; small images are enlarged (nearest)."""
+    count, channels, height, width = pixels.shape
+    rows = (count + columns - 1) // columns
+    array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    if channels == 1:
+        array = np.repeat(array, 3, axis=-1)
+    canvas = np.zeros((rows * height, columns * width, 3), dtype=np.uint8)
+    for index, image in enumerate(array):
+        row, col = divmod(index, columns)
+        canvas[row * height : (row + 1) * height, col * width : (col + 1) * width] = image[..., :3]
+    grid = Image.fromarray(canvas)
+    scale = max(1, min_cell // max(height, width))
+    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST) if scale > 1 else grid
+
+
+def sample_grid(
+    loaded: LoadedCheckpoint, prompts: list[str], out: str | Path, per_prompt: int = 8,
+    steps: int | None = None, guidance: float | None = None, seed: int = 0,
+) -> Path:
+    """Generate ``per_prompt`` images for each prompt (one row each) and save a PNG grid."""
+    config = loaded.config
+    generator = torch.Generator().manual_seed(seed)
+    pixels = sample_images(
+        loaded.model, loaded.tokenizer, [p for p in prompts for _ in range(per_prompt)], config.diffusion,
+        steps=config.eval.sample_steps if steps is None else steps,
+        guidance=config.eval.sample_guidance if guidance is None else guidance, generator=generator,
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(pixels, columns=per_prompt).save(out)
+    return out
