@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from pretrain.losses import LearnableTemperature, symmetric_info_nce
-from pretrain.model import DiffDisModel
+from pretrain.model import DiffDisModel, TextFeatures
 
 
 @dataclass
@@ -127,22 +127,23 @@ class DiffDisObjective(nn.Module):
     def _random_timesteps(self, batch: int, device: torch.device) -> torch.Tensor:
         return torch.randint(0, self.diffusion.num_train_timesteps, (batch,), device=device)
 
-    def generation_loss(self, latents: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """L_IG: ε-prediction MSE; c dropped to the null context with probability cfg_dropout."""
+    def generation_pass(self, latents: torch.Tensor, text: TextFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε̂, ε) at a random t_z. The text query is masked out (absent from the network); c is dropped
+        to the null context with probability cfg_dropout."""
         batch = latents.shape[0]
         noise = torch.randn_like(latents)
         timesteps = self._random_timesteps(batch, latents.device)
         noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod)
         drop = drop_mask(batch, self.diffusion.cfg_dropout, latents.device)
-        context = self.model.unet.mask_context(condition, drop)
-        prediction = self.model(noisy, timesteps, context).noise_pred
-        return F.mse_loss(prediction.float(), noise.float())
+        context = self.model.unet.mask_context(text.condition, drop)
+        return self.model(noisy, timesteps, context).noise_pred, noise
 
-    def alignment_prediction(self, latents: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """ê_0 from the noisy query at a random t_e, conditioned on the clean latent (null with
-        probability cfg_dropout) and the masked caption condition."""
+    def alignment_pass(self, latents: torch.Tensor, text: TextFeatures) -> torch.Tensor:
+        """ê_0 from the noisy query at a random t_e. The caption condition c is masked (null context), the
+        image latent is clean (t_z = 0) and dropped to the null latent with probability cfg_dropout. The
+        noised input is built from a detached e: the encoder learns e only through the loss's targets."""
         batch = latents.shape[0]
-        clean = query_to_diffusion_space(query.detach(), self.diffusion)
+        clean = query_to_diffusion_space(text.query.detach(), self.diffusion)
         timesteps = self._random_timesteps(batch, latents.device)
         noisy = add_noise(clean, torch.randn_like(clean), timesteps, self.alphas_cumprod)
         drop = drop_mask(batch, self.diffusion.cfg_dropout, latents.device).view(-1, *([1] * (latents.dim() - 1)))
@@ -164,10 +165,12 @@ class DiffDisObjective(nn.Module):
             latents = self.model.encode_images(pixels)
         text = self.model.encode_text(input_ids, attention_mask)
         zero = latents.new_zeros(())
-        loss_gen = self.generation_loss(latents, text.condition) if self.has_generation else zero
-        loss_align = zero
+        loss_gen = loss_align = zero
+        if self.has_generation:
+            prediction, noise = self.generation_pass(latents, text)
+            loss_gen = F.mse_loss(prediction.float(), noise.float())  # L_IG
         if self.has_alignment:
-            prediction = self.alignment_prediction(latents, text.query)
+            prediction = self.alignment_pass(latents, text)
             loss_align = symmetric_info_nce(prediction, text.query, self.temperature(), self.rank, self.world_size)
         loss = loss_gen + self.loss_config.align_weight * loss_align
         return {"loss": loss, "loss_gen": loss_gen.detach(), "loss_align": loss_align.detach(),

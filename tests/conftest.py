@@ -1,0 +1,51 @@
+"""Shared fixtures: the tiny config, a tokenizer trained on digits captions, seeded tiny models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Keep the two cores for the test process itself; DeepSpeed's JIT op cache lives in the venv.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from pretrain.config import CONFIGS_DIR, RunConfig, load_run_config  # noqa: E402
+from pretrain.data import training_captions  # noqa: E402
+from pretrain.model import DiffDisModel  # noqa: E402
+from pretrain.model.tokenizer import tokenize, train_tokenizer  # noqa: E402
+from pretrain.trainer import tokenizer_spec  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> RunConfig:
+    return load_run_config(CONFIGS_DIR / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_config):
+    text = tiny_config.model.text_encoder
+    return train_tokenizer(training_captions(tiny_config), vocab_size=text.tokenizer_vocab_size, max_length=text.max_length)
+
+
+@pytest.fixture
+def make_model(tiny_config, tokenizer):
+    """Build a seeded tiny model, optionally with ModelConfig fields replaced."""
+
+    def build(seed: int = 0, **fields) -> DiffDisModel:
+        from dataclasses import replace  # noqa: PLC0415
+
+        torch.manual_seed(seed)
+        return DiffDisModel(replace(tiny_config.model, **fields), tokenizer_spec(tokenizer)).eval()
+
+    return build
+
+
+@pytest.fixture
+def encode(tokenizer, tiny_config):
+    """Token ids for a list of captions, at the tiny config's max length."""
+
+    def run(captions: list[str]) -> dict[str, torch.Tensor]:
+        return tokenize(tokenizer, captions, tiny_config.model.text_encoder.max_length)
+
+    return run

@@ -1,0 +1,143 @@
+"""Both diffusion tasks, masking, gradient routing, the unified loss and the baselines."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pretrain.diffusion import DiffDisObjective, DiffusionConfig, LossConfig, add_noise, query_to_diffusion_space
+from pretrain.losses import symmetric_info_nce
+
+
+def _objective(model, **loss):
+    return DiffDisObjective(model, DiffusionConfig(), LossConfig(**loss))
+
+
+def _pixels(batch=4, size=16):
+    return torch.rand(batch, 3, size, size) * 2 - 1
+
+
+def test_generation_pass_ignores_the_text_query(make_model, encode):
+    objective = _objective(make_model())
+    text = objective.model.encode_text(**encode(["a handwritten 7"] * 4))
+    other = replace(text, query=torch.nn.functional.normalize(torch.randn_like(text.query), dim=-1))
+    latents = _pixels()
+    outs = []
+    for features in (text, other):
+        torch.manual_seed(0)
+        outs.append(objective.generation_pass(latents, features)[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_alignment_pass_ignores_the_caption_condition_but_not_the_image(make_model, encode):
+    objective = _objective(make_model())
+    text = objective.model.encode_text(**encode(["a handwritten 7"] * 4))
+    other_caption = objective.model.encode_text(**encode(["the number two, written by hand"] * 4))
+    leaked = replace(text, condition=other_caption.condition)
+    assert not torch.allclose(leaked.condition, text.condition)
+    latents = _pixels()
+
+    def run(features, images):
+        torch.manual_seed(1)
+        return objective.alignment_pass(images, features)
+
+    base = run(text, latents)
+    torch.testing.assert_close(run(leaked, latents), base, rtol=0, atol=0)
+    assert (run(text, _pixels()) - base).abs().max() > 1e-4
+
+
+PARTS = {
+    "encoder_path": "model.unet.down_levels", "middle": "model.unet.mid_fusion", "head": "model.unet.head",
+    "decoder": "model.unet.up_levels", "text_encoder": "model.text_encoder", "temperature": "temperature",
+}
+
+
+def _grad_norms(objective, term: str, encode) -> dict[str, float]:
+    """Backpropagate one loss term ("loss" = the unified loss, "align" = L_ITA, "gen" = L_IG) and
+    return the summed gradient norm of each part of the network."""
+    objective.zero_grad(set_to_none=True)
+    tokens = encode(["a handwritten 7", "a handwritten 3", "digit 5 (five)", "a scan of a handwritten one"])
+    latents = _pixels()
+    torch.manual_seed(0)
+    if term == "loss":
+        objective(**tokens, pixels=latents)["loss"].backward()
+    else:
+        text = objective.model.encode_text(**tokens)
+        if term == "align":
+            symmetric_info_nce(objective.alignment_pass(latents, text), text.query, objective.temperature()).backward()
+        else:
+            torch.nn.functional.mse_loss(*objective.generation_pass(latents, text)).backward()
+    return {
+        part: sum(p.grad.norm().item() for n, p in objective.named_parameters() if n.startswith(prefix) and p.grad is not None)
+        for part, prefix in PARTS.items()
+    }
+
+
+def test_gradients_reach_both_streams_head_and_text_encoder(make_model, encode):
+    norms = _grad_norms(_objective(make_model()), "loss", encode)
+    assert all(value > 0 for value in norms.values()), norms
+
+
+def test_alignment_loss_sends_no_gradient_to_the_decoder(make_model, encode):
+    align = _grad_norms(_objective(make_model()), "align", encode)
+    assert align["decoder"] == 0 and align["head"] > 0 and align["text_encoder"] > 0 and align["encoder_path"] > 0
+    gen = _grad_norms(_objective(make_model()), "gen", encode)
+    assert gen["decoder"] > 0 and gen["text_encoder"] > 0 and gen["head"] == 0
+
+
+@pytest.mark.parametrize("variant", ["gen-only", "dis-only"])
+def test_baselines_train_with_only_their_loss(make_model, encode, variant):
+    fields = {"gen-only": {"discrimination": False}, "dis-only": {"generation": False}}[variant]
+    objective = _objective(make_model(**fields), align_weight=0.0 if variant == "gen-only" else 1.0)
+    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=2e-3)
+    tokens = encode(["a handwritten 7", "a handwritten 3", "digit 5 (five)", "a scan of a handwritten one"] * 2)
+    pixels = _pixels(8)
+    first = last = None
+    for step in range(12):
+        torch.manual_seed(step % 2)
+        losses = objective(**tokens, pixels=pixels)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+        active = "loss_gen" if variant == "gen-only" else "loss_align"
+        inactive = "loss_align" if variant == "gen-only" else "loss_gen"
+        assert losses[inactive].item() == 0.0
+        torch.testing.assert_close(losses["loss"].detach(), losses[active])
+        first = losses[active].item() if first is None else first
+        last = losses[active].item()
+    assert last < first
+
+
+def test_noising_matches_the_closed_form():
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    clean, noise = torch.randn(3, 8), torch.randn(3, 8)
+    t = torch.tensor([0, 500, 999])
+    expected = alphas[t].sqrt()[:, None] * clean + (1 - alphas[t]).sqrt()[:, None] * noise
+    torch.testing.assert_close(add_noise(clean, noise, t, alphas), expected)
+
+
+def test_query_scaling_puts_unit_scale_on_each_coordinate():
+    query = torch.randn(512, 64)
+    scaled = query_to_diffusion_space(query, DiffusionConfig(query_gamma=0.5))
+    torch.testing.assert_close(scaled.norm(dim=-1), torch.full((512,), 0.5 * 8.0))
+    unscaled = query_to_diffusion_space(query, DiffusionConfig(query_scale_sqrt_dim=False))
+    torch.testing.assert_close(unscaled.norm(dim=-1), torch.ones(512))
+
+
+def test_info_nce_is_low_for_matched_pairs_and_symmetric():
+    targets = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    scale = torch.tensor(100.0)
+    matched = symmetric_info_nce(targets.clone(), targets, scale)
+    shuffled = symmetric_info_nce(targets.roll(1, dims=0), targets, scale)
+    assert matched.item() < 0.05 < shuffled.item()
+    torch.testing.assert_close(symmetric_info_nce(targets, targets.roll(1, 0), scale), shuffled)
+
+
+def test_temperature_is_clamped():
+    from pretrain.losses import LearnableTemperature
+
+    temperature = LearnableTemperature(init_temperature=0.001, max_scale=100.0)
+    assert temperature().item() == pytest.approx(100.0)
+    assert LearnableTemperature(0.07)().item() == pytest.approx(1 / 0.07, rel=1e-5)

@@ -1,0 +1,111 @@
+"""The dual-stream UNet and the model container: shapes, stream separation, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pretrain.model import DiffDisModel
+
+
+def _inputs(model: DiffDisModel, batch: int = 4):
+    size = model.latent_size
+    latents = torch.randn(batch, model.latent_channels, size, size)
+    timesteps = torch.randint(0, 1000, (batch,))
+    return latents, timesteps
+
+
+def test_shapes_of_both_passes(make_model, encode):
+    model = make_model()
+    text = model.encode_text(**encode(["a handwritten 7"] * 4))
+    latents, timesteps = _inputs(model)
+    assert text.condition.shape == (4, 16, 64)
+    assert text.query.shape == (4, 64)
+    torch.testing.assert_close(text.query.norm(dim=-1), torch.ones(4))
+    gen = model(latents, timesteps, text.condition)
+    assert gen.noise_pred.shape == latents.shape and gen.query_pred is None
+    align = model(latents, torch.zeros(4, dtype=torch.long), None, query=torch.randn(4, 64),
+                  query_timesteps=timesteps, run_decoder=False)
+    assert align.noise_pred is None and align.query_pred.shape == (4, 64)
+
+
+def test_generation_output_ignores_every_text_query_parameter(make_model, encode):
+    """The text token is absent from the generation pass: perturbing the whole text-query path
+    (fusion text projections and FFNs, query time embedding, head) leaves ε̂ unchanged, while
+    perturbing an image-path weight does change it (so the comparison can fail)."""
+    model = make_model()
+    text = model.encode_text(**encode(["a handwritten 3"] * 4))
+    latents, timesteps = _inputs(model)
+    before = model(latents, timesteps, text.condition).noise_pred
+    query_path = [p for n, p in model.unet.named_parameters()
+                  if any(key in n for key in ("text_in", "text_out", "ff_text", "norm_ff_text", "query_time", "head."))]
+    assert len(query_path) > 10
+    with torch.no_grad():
+        for param in query_path:
+            param.add_(torch.randn_like(param))
+    torch.testing.assert_close(model(latents, timesteps, text.condition).noise_pred, before, rtol=0, atol=0)
+    with torch.no_grad():
+        model.unet.conv_in.weight.add_(0.1)
+    assert not torch.allclose(model(latents, timesteps, text.condition).noise_pred, before)
+
+
+def test_alignment_output_depends_on_image_and_query(make_model):
+    model = make_model()
+    latents, timesteps = _inputs(model)
+    query = torch.randn(4, 64)
+    zero_t = torch.zeros(4, dtype=torch.long)
+
+    def predict(lat, q):
+        return model(lat, zero_t, None, query=q, query_timesteps=timesteps, run_decoder=False).query_pred
+
+    base = predict(latents, query)
+    assert (predict(latents + 0.5 * torch.randn_like(latents), query) - base).abs().max() > 1e-3
+    assert (predict(latents, torch.randn(4, 64)) - base).abs().max() > 1e-3
+
+
+def test_baseline_architectures_drop_their_parts(make_model):
+    gen_only = make_model(discrimination=False)
+    dis_only = make_model(generation=False)
+    unified = make_model()
+    names = lambda m: {n.split(".")[0] for n, _ in m.unet.named_parameters()}  # noqa: E731
+    assert "head" in names(unified) and "up_levels" in names(unified)
+    assert "head" not in names(gen_only) and "query_time_embedding" not in names(gen_only)
+    assert "up_levels" not in names(dis_only) and "conv_out" not in names(dis_only)
+    assert not any("text_in" in n for n, _ in gen_only.unet.named_parameters())
+    latents, timesteps = _inputs(gen_only)
+    with pytest.raises(ValueError, match="gen-only"):
+        gen_only(latents, timesteps, None, query=torch.randn(4, 64), query_timesteps=timesteps)
+    with pytest.raises(ValueError, match="dis-only"):
+        dis_only(latents, timesteps, None)
+
+
+def test_save_and_load_round_trip_gives_identical_outputs(make_model, encode, tmp_path):
+    model = make_model(seed=3)
+    model.save_pretrained(tmp_path / "m")
+    loaded = DiffDisModel.from_pretrained(tmp_path / "m").eval()
+    tokens = encode(["the number five, written by hand", "a handwritten 1"])
+    latents, timesteps = _inputs(model, batch=2)
+    for m in (model, loaded):
+        m.text = m.encode_text(**tokens)
+    torch.testing.assert_close(loaded.text.query, model.text.query, rtol=0, atol=0)
+    torch.testing.assert_close(loaded(latents, timesteps, loaded.text.condition).noise_pred,
+                               model(latents, timesteps, model.text.condition).noise_pred, rtol=0, atol=0)
+    assert loaded.config == model.config and loaded.tokens == model.tokens
+
+
+def test_from_pretrained_names_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        DiffDisModel.from_pretrained(tmp_path)
+
+
+def test_kl_autoencoder_latents_are_downscaled(make_model, tiny_config):
+    from dataclasses import replace
+
+    from pretrain.model.config import AutoencoderConfig
+
+    model = make_model(image_size=16, autoencoder=replace(AutoencoderConfig(), kind="kl", block_out_channels=[8, 8], norm_num_groups=4))
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    latents = model.encode_images(pixels)
+    assert latents.shape == (2, 4, 8, 8) and model.latent_size == 8
+    assert model.decode_latents(latents).shape == (2, 3, 16, 16)
+    assert not any(p.requires_grad for p in model.autoencoder.parameters())
