@@ -36,6 +36,7 @@ class OptimConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at train.steps
     grad_clip: float = 1.0  # 0 disables (DeepSpeed's own default would be 1.0: we always set it)
+    temperature_lr: float | None = None  # own LR for the InfoNCE temperature; None = optim.lr
 
 
 @dataclass

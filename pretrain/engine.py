@@ -45,22 +45,29 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and convolution kernels; not biases, norms, embeddings' tables or scalars."""
-    decay, no_decay = [], []
+def param_groups(module: nn.Module, weight_decay: float, temperature_lr: float | None = None) -> list[dict]:
+    """Decay matrices and convolution kernels; not biases, norms, embeddings' tables or scalars.
+    With ``temperature_lr`` the InfoNCE temperature gets its own group at that LR."""
+    decay, no_decay, temperature = [], [], []
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
+        if temperature_lr is not None and name.endswith("temperature.log_scale"):
+            temperature.append(param)
+            continue
         exempt = param.ndim < 2 or "norm" in name or "embedding" in name or "null_context" in name
         (no_decay if exempt else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if temperature:
+        groups.append({"params": temperature, "weight_decay": 0.0, "lr": temperature_lr})
+    return groups
 
 
 def build_optimizer(module: nn.Module, optim: OptimConfig, total_steps: int):
     """torch AdamW (DeepSpeed's own would JIT-compile an op on CPU) with the warmup+cosine schedule.
     Frozen parts (the autoencoder, a frozen text encoder) are not in the optimizer at all."""
     optimizer = torch.optim.AdamW(
-        param_groups(module, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
+        param_groups(module, optim.weight_decay, optim.temperature_lr), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, optim.warmup_steps, total_steps, optim.min_lr_ratio)

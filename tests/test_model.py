@@ -19,7 +19,7 @@ def test_shapes_of_both_passes(make_model, encode):
     model = make_model()
     text = model.encode_text(**encode(["a handwritten 7"] * 4))
     latents, timesteps = _inputs(model)
-    assert text.condition.shape == (4, 16, 64)
+    assert text.condition.shape == (4, 32, 64)
     assert text.query.shape == (4, 64)
     torch.testing.assert_close(text.query.norm(dim=-1), torch.ones(4))
     gen = model(latents, timesteps, text.condition)
@@ -109,3 +109,20 @@ def test_kl_autoencoder_latents_are_downscaled(make_model, tiny_config):
     assert latents.shape == (2, 4, 8, 8) and model.latent_size == 8
     assert model.decode_latents(latents).shape == (2, 3, 16, 16)
     assert not any(p.requires_grad for p in model.autoencoder.parameters())
+
+
+@pytest.mark.parametrize("config_name", ["tiny.yaml", "demo.yaml"])
+def test_every_eval_prompt_fits_the_text_length(config_name):
+    """A prompt truncated before its class word would be identical across classes (zero-shot at chance)."""
+    from data_pipeline.digits import class_prompts
+    from pretrain.config import CONFIGS_DIR, load_run_config
+    from pretrain.data import training_captions
+    from pretrain.model.tokenizer import train_tokenizer
+
+    config = load_run_config(CONFIGS_DIR / config_name)
+    text = config.model.text_encoder
+    tokenizer = train_tokenizer(training_captions(config), vocab_size=text.tokenizer_vocab_size, max_length=text.max_length)
+    for prompts in class_prompts():
+        for prompt in prompts:
+            length = len(tokenizer(prompt)["input_ids"])
+            assert length <= text.max_length, f"{config_name}: '{prompt}' is {length} tokens > {text.max_length}"

@@ -11,6 +11,7 @@ import torch
 from pretrain.checkpoint import is_complete, latest_complete, tag_for
 from pretrain.config import CONFIGS_DIR, load_run_config
 from pretrain.evaluate import evaluate, load_checkpoint
+from pretrain.model.tokenizer import tokenize
 from pretrain.trainer import Trainer
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,8 @@ def _losses(run_dir):
 def trained(tmp_path_factory):
     """A tiny model trained briefly; shared by the tests that need one."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    trainer = Trainer(_config("train.steps=120", "train.batch_size=32", "train.checkpoint_every=60", "optim.lr=3e-3"), run_dir)
+    config = load_run_config(CONFIGS_DIR / "demo.yaml", ["train.log_every=1", "train.steps=120", "train.checkpoint_every=60"])
+    trainer = Trainer(config, run_dir)
     trainer.train()
     return trainer, run_dir
 
@@ -50,14 +52,15 @@ def test_checkpoints_are_complete_and_latest_points_at_the_newest(trained):
         assert (root / tag_for(120) / name).is_file(), name
 
 
-def test_reloaded_checkpoint_gives_identical_outputs(trained, encode):
+def test_reloaded_checkpoint_gives_identical_outputs(trained):
     trainer, run_dir = trained
     live = trainer.engine.module.model.eval()
     loaded = load_checkpoint(run_dir).model
     for key, value in live.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0, msg=key)
-    tokens = encode(["a handwritten 4", "digit 9 (nine)"])
-    latents, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    tokens = tokenize(trainer.tokenizer, ["a handwritten 4", "digit 9 (nine)"], live.config.text_encoder.max_length)
+    size = live.config.image_size
+    latents, t = torch.randn(2, 3, size, size), torch.tensor([10, 900])
     with torch.no_grad():
         expected = live(latents, t, live.encode_text(**tokens).condition).noise_pred
         got = loaded(latents, t, loaded.encode_text(**tokens).condition).noise_pred
@@ -66,7 +69,7 @@ def test_reloaded_checkpoint_gives_identical_outputs(trained, encode):
 
 def test_zero_shot_beats_chance_on_heldout_digits(trained):
     _, run_dir = trained
-    result = evaluate(load_checkpoint(run_dir), "zeroshot", steps=2)
+    result = evaluate(load_checkpoint(run_dir), "zeroshot", steps=1)
     assert result["n"] == 359
     assert result["top1"] > 0.2, result  # chance is 0.1
 
