@@ -48,6 +48,8 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 def param_groups(module: nn.Module, weight_decay: float, temperature_lr: float | None = None) -> list[dict]:
     """Decay matrices and convolution kernels; not biases, norms, embeddings' tables or scalars.
     With ``temperature_lr`` the InfoNCE temperature gets its own group at that LR."""
+    exempt_modules = (nn.Embedding, nn.LayerNorm, nn.GroupNorm)
+    exempt_ids = {id(p) for m in module.modules() if isinstance(m, exempt_modules) for p in m.parameters(recurse=False)}
     decay, no_decay, temperature = [], [], []
     for name, param in module.named_parameters():
         if not param.requires_grad:
@@ -55,7 +57,7 @@ def param_groups(module: nn.Module, weight_decay: float, temperature_lr: float |
         if temperature_lr is not None and name.endswith("temperature.log_scale"):
             temperature.append(param)
             continue
-        exempt = param.ndim < 2 or "norm" in name or "embedding" in name or "null_context" in name
+        exempt = param.ndim < 2 or id(param) in exempt_ids or "null_context" in name
         (no_decay if exempt else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if temperature:

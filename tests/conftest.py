@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-# Keep the two cores for the test process itself; DeepSpeed's JIT op cache lives in the venv.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-from pretrain.config import CONFIGS_DIR, RunConfig, load_run_config  # noqa: E402
-from pretrain.data import training_captions  # noqa: E402
-from pretrain.model import DiffDisModel  # noqa: E402
-from pretrain.model.tokenizer import tokenize, train_tokenizer  # noqa: E402
-from pretrain.trainer import tokenizer_spec  # noqa: E402
+from pretrain.config import CONFIGS_DIR, RunConfig, load_run_config
+from pretrain.data import training_captions
+from pretrain.model import DiffDisModel
+from pretrain.model.tokenizer import tokenize, train_tokenizer
+from pretrain.trainer import tokenizer_spec
 
 
 @pytest.fixture(scope="session")

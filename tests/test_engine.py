@@ -25,8 +25,12 @@ def test_weight_decay_skips_biases_norms_and_embeddings(make_model):
     named = dict(model.named_parameters())
     assert id(named["unet.conv_in.weight"]) in decayed
     assert id(named["unet.conv_in.bias"]) not in decayed
+    assert id(named["unet.time_embedding.linear_1.weight"]) in decayed  # an MLP, not an embedding table
+    assert id(named["unet.mid_fusion.layers.0.norm_self.weight"]) not in decayed
     assert id(named["text_encoder.model.text_model.embeddings.token_embedding.weight"]) not in decayed
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    with_temperature = param_groups(model, 0.05, temperature_lr=0.03)
+    assert len(with_temperature) == 2  # the bare model has no temperature: no empty third group
 
 
 def test_deepspeed_config_sets_clipping_and_splits_the_global_batch():
