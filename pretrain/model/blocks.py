@@ -55,7 +55,7 @@ class FusionBlock(nn.Module):
 
     ``text_base`` is e_t + Emb(t_e) at text width (the same for every block: the skip connection that
     re-injects the noisy query), ``hidden_text`` is h_e from the previous block (zeros at the first).
-    Returns the new feature map and the new h_e (``None`` when no text token was given).
+    Returns the new feature map and the new h_e (``hidden_text`` unchanged when no text token was given).
     """
 
     def __init__(
@@ -95,7 +95,7 @@ class FusionBlock(nn.Module):
         for layer in self.layers:
             image, text = layer(image, context, text)
         image = self.proj_out(image).transpose(1, 2).reshape(batch, channels, height, width)
-        new_hidden_text = None if text is None else self.text_out(text.squeeze(1))
+        new_hidden_text = hidden_text if text is None else self.text_out(text.squeeze(1))
         return hidden + image, new_hidden_text
 
 

@@ -151,16 +151,14 @@ class DualStreamUNet(nn.Module):
             for resnet, fusion, has_fusion in zip(level.resnets, level.fusions, level.has_fusion):
                 hidden = resnet(hidden, temb)
                 if has_fusion:
-                    hidden, new_text = fusion(hidden, context, text_base, hidden_text)
-                    hidden_text = new_text if new_text is not None else hidden_text
+                    hidden, hidden_text = fusion(hidden, context, text_base, hidden_text)
                 skips.append(hidden)
             if level.resample is not None:
                 hidden = level.resample(hidden)
                 skips.append(hidden)
 
         hidden = self.mid_resnet_in(hidden, temb)
-        hidden, new_text = self.mid_fusion(hidden, context, text_base, hidden_text)
-        hidden_text = new_text if new_text is not None else hidden_text
+        hidden, hidden_text = self.mid_fusion(hidden, context, text_base, hidden_text)
         hidden = self.mid_resnet_out(hidden, temb)
 
         query_pred = None if query is None else self.head(hidden, text_base, hidden_text)
