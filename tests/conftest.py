@@ -44,3 +44,23 @@ def encode(tokenizer, tiny_config):
         return tokenize(tokenizer, captions, tiny_config.model.text_encoder.max_length)
 
     return run
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A real S3 HTTP endpoint (moto's server) on 127.0.0.1 with bucket ``diffdis-test``.
+
+    Clients find it through ``AWS_ENDPOINT_URL`` (botocore, s3fs and subprocesses all read it) with
+    throwaway credentials. Yields an object with ``url`` (the endpoint), ``bucket`` and ``stop()`` /
+    ``start()`` so tests can take the endpoint away mid-run."""
+    from moto.server import ThreadedMotoServer  # noqa: PLC0415
+
+    from tests.s3 import S3Endpoint  # noqa: PLC0415
+
+    endpoint = S3Endpoint(ThreadedMotoServer)
+    endpoint.start()
+    for name, value in endpoint.environment().items():
+        monkeypatch.setenv(name, value)
+    endpoint.create_bucket()
+    yield endpoint
+    endpoint.stop()
