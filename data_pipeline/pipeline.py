@@ -136,7 +136,8 @@ class PipelineSummary:
     samples: int  # kept samples in the whole dataset
     bytes: int
     counts: dict[str, int]
-    wall_s: float
+    wall_s: float  # the whole call: listing, Ray start, processing, manifest
+    process_s: float  # first unit submitted → last shard written (the throughput's denominator)
     cpus: int
     nothing_to_do: bool = False
     manifest_written: bool = True
@@ -144,7 +145,7 @@ class PipelineSummary:
 
     @property
     def items_per_s(self) -> float:
-        return self.items_processed / self.wall_s if self.wall_s > 0 else 0.0
+        return self.items_processed / self.process_s if self.process_s > 0 else 0.0
 
     @property
     def items_per_s_per_core(self) -> float:
@@ -228,9 +229,9 @@ def run_pipeline(config: ShardConfig, output_url: str, storage_options: dict | N
     done = existing_shards(output_url, config.prefix, units, fp, options, config.run.verify_sha256)
     todo = [i for i in range(units) if i not in done]
     stats: dict[int, ShardStats] = dict(done)
-    cpus = 0
+    cpus, process_s = 0, 0.0
     if todo:
-        cpus = _run_units(config, source, units, todo, stats, output_url, options, ray_address, progress)
+        cpus, process_s = _run_units(config, source, units, todo, stats, output_url, options, ray_address, progress)
     ordered = [stats[i] for i in range(units)]
     manifest = build_manifest(ordered, config)
     data = manifest.to_json()
@@ -246,13 +247,13 @@ def run_pipeline(config: ShardConfig, output_url: str, storage_options: dict | N
         output_url=output_url, manifest_url=url, shards=len(manifest.shards), units=units,
         units_written=len(todo), units_reused=len(done), items=len(source),
         items_processed=sum(stats[i].items for i in todo), samples=manifest.total_samples,
-        bytes=manifest.total_bytes, counts=dict(manifest.counts), wall_s=wall, cpus=cpus,
+        bytes=manifest.total_bytes, counts=dict(manifest.counts), wall_s=wall, process_s=process_s, cpus=cpus,
         nothing_to_do=not todo and unchanged, manifest_written=not unchanged,
     )
 
 
 def _run_units(config: ShardConfig, source: Source, units: int, todo: list[int], stats: dict[int, ShardStats],
-               output_url: str, options: dict, ray_address: str | None, progress: bool) -> int:
+               output_url: str, options: dict, ray_address: str | None, progress: bool) -> tuple[int, float]:
     """Submit ``todo`` units to Ray within the in-flight window, commit in order, write shards."""
     import ray  # noqa: PLC0415
     from tqdm import tqdm  # noqa: PLC0415
@@ -303,6 +304,7 @@ def _run_units(config: ShardConfig, source: Source, units: int, todo: list[int],
                 results[pending.pop(ref)] = ray.get(ref)
         for index, future in writes:
             stats[index] = future.result()
+        process_s = time.perf_counter() - begin
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)
@@ -314,7 +316,7 @@ def _run_units(config: ShardConfig, source: Source, units: int, todo: list[int],
         bar.close()
         if we_started:
             ray.shutdown()
-    return cpus
+    return cpus, process_s
 
 
 def _raise_failed_writes(writes: list[tuple[int, Future]], wait_for_room: bool) -> None:
