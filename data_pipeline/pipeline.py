@@ -199,7 +199,8 @@ def start_ray(ray_address: str | None, num_workers: int) -> bool:
         ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray >= 2.5x asks for a token otherwise
-        ray.init(num_cpus=num_workers or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+        # address="local": never attach to some other `ray start` cluster found on this machine.
+        ray.init(address="local", num_cpus=num_workers or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)
     return True
 

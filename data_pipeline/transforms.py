@@ -137,7 +137,7 @@ def to_rgb(picture: Image.Image) -> Image.Image:
 def resize(picture: Image.Image, size: int, mode: str) -> Image.Image:
     """Same semantics as img2dataset's resize modes, so shards are comparable:
 
-    - ``center_crop``: shorter side to ``size``, then the centre ``size x size`` (``ImageOps.fit``)
+    - ``center_crop``: shorter side to ``size``, then the centre ``size x size`` (as ``ImageOps.fit``)
     - ``keep_ratio``: shorter side to ``size``, aspect ratio kept (output not square)
     - ``pad``: longer side to ``size``, black borders to ``size x size`` (``ImageOps.pad``; img2dataset "border")
     """
@@ -145,7 +145,11 @@ def resize(picture: Image.Image, size: int, mode: str) -> Image.Image:
     if mode == "center_crop":
         if picture.size == (size, size):
             return picture
-        return ImageOps.fit(picture, (size, size), method=resample, reducing_gap=3.0)
+        # ImageOps.fit's centre box, resized with reducing_gap (fit does not expose it): much faster on big photos
+        width, height = picture.size
+        side = min(width, height)
+        left, top = (width - side) / 2, (height - side) / 2
+        return picture.resize((size, size), resample, box=(left, top, left + side, top + side), reducing_gap=3.0)
     if mode == "pad":
         if picture.size == (size, size):
             return picture
