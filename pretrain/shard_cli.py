@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
-from pretrain.config_io import deep_merge, from_dict, load_yaml_tree, parse_overrides, ConfigError
+from pretrain.config_io import ConfigError, deep_merge, from_dict, load_yaml_tree, parse_overrides
 
 DESCRIPTION = """\
 Turn a source into WebDataset shards ({prefix}-{index:06d}.tar with {key}.jpg|png|webp, {key}.txt,
@@ -34,8 +35,8 @@ their own Ray; --ray-address joins a cluster.
 """
 
 EPILOG = """\
-Dotted KEY=VALUE overrides after the options set any ShardConfig field, e.g.
-  filters.min_caption_length=5 image.max_pixels=50000000 source.caption_seed=3 run.threads_per_worker=32
+Dotted KEY=VALUE overrides set any ShardConfig field; put them right after OUTPUT_URL, e.g.
+  diffdis shard SRC OUT filters.min_caption_length=5 source.caption_seed=3 --size 64
 Rejected samples are counted by reason: failed_download, failed_decode, too_small, too_large,
 bad_aspect, empty_caption, caption_length, duplicate, low_score.
 
@@ -164,10 +165,16 @@ def _print_summary(summary) -> None:
     console.print(table)
 
 
+# Their DEBUG records carry signed request headers (the access key id) and request bodies.
+CHATTY_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "fsspec", "urllib3", "requests")
+
+
 def run(args: argparse.Namespace) -> int:
     from data_pipeline.pipeline import plan_pipeline, run_pipeline  # noqa: PLC0415 - keep --help fast
     from data_pipeline.storage import StorageError, parse_storage_options  # noqa: PLC0415
 
+    for name in CHATTY_LOGGERS:  # even with -v: credentials must never reach a log
+        logging.getLogger(name).setLevel(logging.WARNING)
     config = build_config(args)
     options = parse_storage_options(args.storage_options)
     try:
