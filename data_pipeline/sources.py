@@ -19,7 +19,6 @@ import io
 import json
 import posixpath
 import tarfile
-import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Sequence
@@ -83,7 +82,8 @@ class FolderLoader(ItemLoader):
         return RawSample(caption=caption, meta={"source": "folder", "path": relative}, data=data)
 
 
-_thread_state = threading.local()
+_pools: dict = {}  # per worker process, see TableLoader._pool
+USER_AGENT = "diffdis-shard/0.1 (+https://github.com/; image-text dataset builder)"
 
 
 @dataclass
@@ -98,22 +98,23 @@ class TableLoader(ItemLoader):
     def caption(self, item) -> str:
         return item[2]
 
-    def _session(self):
-        """One ``requests.Session`` per thread (connection reuse), retrying via urllib3's ``Retry``."""
-        session = getattr(_thread_state, "session", None)
-        if session is None:
-            import requests  # noqa: PLC0415
-            from requests.adapters import HTTPAdapter  # noqa: PLC0415
-            from urllib3.util.retry import Retry  # noqa: PLC0415
+    def _pool(self):
+        """One ``urllib3.PoolManager`` per worker process (thread-safe, keeps connections alive).
 
-            retry = Retry(total=self.retries, connect=self.retries, read=self.retries, status=self.retries,
-                          backoff_factor=0.1, status_forcelist=(429, 500, 502, 503, 504), raise_on_status=False)
-            session = requests.Session()
-            adapter = HTTPAdapter(max_retries=retry, pool_connections=4, pool_maxsize=4)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            _thread_state.session = session
-        return session
+        urllib3 is the transport under ``requests``; used directly it costs about half the CPU per
+        small download (measured on loopback: 2.5 ms vs 4.5 ms), which is most of a URL table's cost.
+        Retries (connect/read errors, 429/5xx, exponential backoff) and timeouts are urllib3's own."""
+        key = (self.timeout, self.retries)
+        pool = _pools.get(key)
+        if pool is None:
+            import urllib3  # noqa: PLC0415
+
+            retry = urllib3.Retry(total=self.retries, connect=self.retries, read=self.retries, status=self.retries,
+                                  backoff_factor=0.1, status_forcelist=(429, 500, 502, 503, 504),
+                                  raise_on_status=False, redirect=5)
+            pool = _pools[key] = urllib3.PoolManager(num_pools=64, maxsize=32, retries=retry,
+                                                     timeout=urllib3.Timeout(total=self.timeout))
+        return pool
 
     def fetch(self, item, caption: str) -> RawSample:
         row, url, _ = item
@@ -121,14 +122,15 @@ class TableLoader(ItemLoader):
         if not url:
             raise Rejected("failed_download", f"row {row}: empty url")
         if url.startswith(("http://", "https://")):
-            import requests  # noqa: PLC0415
+            import urllib3  # noqa: PLC0415
 
             try:
-                response = self._session().get(url, timeout=self.timeout)
-                response.raise_for_status()
-            except requests.RequestException as error:
+                response = self._pool().request("GET", url, headers={"User-Agent": USER_AGENT})
+            except urllib3.exceptions.HTTPError as error:
                 raise Rejected("failed_download", f"{url}: {type(error).__name__}: {error}") from None
-            data = response.content
+            if response.status >= 400:
+                raise Rejected("failed_download", f"{url}: HTTP {response.status}")
+            data = response.data
         else:
             target = url if "://" in url or posixpath.isabs(url) else posixpath.join(self.base_dir, url)
             try:
