@@ -30,7 +30,7 @@ from data_pipeline.manifest import Manifest, ShardEntry, manifest_url, write_man
 from data_pipeline.shard_config import ShardConfig, content_dict, fingerprint
 from data_pipeline.shard_writer import ShardStats, existing_shards, shard_name, write_shard
 from data_pipeline.sources import ItemLoader, Source, TableLoader, open_source
-from data_pipeline.storage import read_bytes, redact
+from data_pipeline.storage import filesystem, read_bytes, redact
 from data_pipeline.transforms import REASONS, EncodedSample, Rejected, check_caption, load_scorer, transform
 
 log = logging.getLogger(__name__)
@@ -160,13 +160,17 @@ class PipelineSummary:
         return record
 
 
-def _open(config: ShardConfig, storage_options: dict | None) -> tuple[Source, int]:
+def _open(config: ShardConfig, storage_options: dict | None, output_url: str) -> tuple[Source, int]:
+    try:
+        filesystem(output_url, storage_options)
+    except (ValueError, ImportError, TypeError) as error:  # unknown protocol, bad option names
+        raise ValueError(f"output URL {output_url}: {error}") from None
     source = open_source(config.source, config.image.size, storage_options)
     return source, source.num_units(config.samples_per_shard)
 
 
 def plan_pipeline(config: ShardConfig, output_url: str, storage_options: dict | None = None) -> PipelinePlan:
-    source, units = _open(config, storage_options)
+    source, units = _open(config, storage_options, output_url)
     done = existing_shards(output_url, config.prefix, units, fingerprint(config), storage_options,
                            config.run.verify_sha256)
     return PipelinePlan(
@@ -223,7 +227,7 @@ def run_pipeline(config: ShardConfig, output_url: str, storage_options: dict | N
     """Shard ``config.source`` into ``output_url``; resumable, idempotent, byte-reproducible."""
     options = dict(storage_options or {})
     started = time.perf_counter()
-    source, units = _open(config, options)
+    source, units = _open(config, options, output_url)
     if units == 0:
         raise ValueError(f"source {config.source.path!r} has no items")
     fp = fingerprint(config)

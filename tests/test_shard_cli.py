@@ -47,6 +47,7 @@ def test_dry_run_shows_the_plan_and_writes_nothing(tmp_path, capsys):
         (["{tmp}/t.csv", "{tmp}/out", "image.sise=3"], "image.sise"),
         (["{tmp}/t.csv", "{tmp}/out", "--storage-options", "{not json"], "--storage-options"),
         (["{tmp}/t.csv", "{tmp}/out", "--samples-per-shard", "0"], "samples_per_shard"),
+        (["{tmp}/t.csv", "nosuchproto://bucket/x"], "nosuchproto://bucket/x"),
     ],
 )
 def test_bad_input_exits_2_naming_the_culprit(args, named, tmp_path, capsys):
