@@ -94,7 +94,8 @@ def ensure_img2dataset() -> tuple[Path | None, str]:
         if not (BENCH_VENV / "bin" / "python").exists():
             subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True, capture_output=True, text=True)
         pip = [str(BENCH_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
-        # Never let it pull a CUDA torch: if anything asks for torch, the CPU build is what satisfies it.
+        # img2dataset 1.47.0 pulls opencv-python-headless and albumentations but not torch (checked), so no
+        # CUDA wheel can arrive here; if a later version asks for torch, pin torch==2.13.0 (CPU) first.
         subprocess.run([*pip, f"img2dataset=={IMG2DATASET_VERSION}"], check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as error:
         return None, f"installing img2dataset into {BENCH_VENV} failed: {(error.stderr or error.stdout)[-800:]}"
