@@ -63,4 +63,5 @@ def s3_endpoint(monkeypatch):
         monkeypatch.setenv(name, value)
     endpoint.create_bucket()
     yield endpoint
+    endpoint.reset()
     endpoint.stop()

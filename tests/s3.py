@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fsspec
+import requests
+import s3fs
 
 BUCKET = "diffdis-test"
 
@@ -37,5 +39,14 @@ class S3Endpoint:
         }
 
     def create_bucket(self) -> None:
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec would reuse a filesystem bound to an old port
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
         fs.mkdir(self.bucket)
+
+    def reset(self) -> None:
+        """Forget every bucket and object: moto keeps them in this process, not in the server, so
+        without a reset the next test would find this one's data (and its bucket) still there."""
+        if self.server is None:
+            self.start()
+        requests.post(f"{self.url}/moto-api/reset", timeout=10)
+        s3fs.S3FileSystem.clear_instance_cache()

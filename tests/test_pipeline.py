@@ -47,12 +47,6 @@ def s3(s3_endpoint):
 
     s3fs.S3FileSystem.clear_instance_cache()
     yield s3_endpoint, fsspec.filesystem("s3", skip_instance_cache=True)
-    s3fs.S3FileSystem.clear_instance_cache()
-    # moto's backends live in this process, not in the server: without a reset the next test's
-    # fixture finds the bucket (and our objects) still there.
-    import requests  # noqa: PLC0415
-
-    requests.post(f"{s3_endpoint.url}/moto-api/reset", timeout=10)
 
 
 def _config(path, **fields) -> ShardConfig:

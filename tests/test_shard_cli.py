@@ -111,6 +111,3 @@ def test_credentials_from_storage_options_never_reach_outputs_or_logs(tmp_path, 
     assert "manifest.json" in objects and len(objects) == 7
     for text in [result.stdout, result.stderr, *[b.decode("latin-1") for b in objects.values()]]:
         assert key_id not in text and secret not in text
-    import requests  # noqa: PLC0415
-
-    requests.post(f"{s3_endpoint.url}/moto-api/reset", timeout=10)
