@@ -152,14 +152,44 @@ def raw_samples(ref: ShardRef, storage_options: dict | None = None, read: ShardR
         read.error = read.error or read.errors[-1]
         return False  # stop reading this shard: what follows a broken tar member is not trustworthy
 
-    stream = open_shard(ref, storage_options)
+    stream = TailReader(open_shard(ref, storage_options))
     try:
         files = tariterators.tar_file_expander([{"url": ref.url, "stream": stream}], handler=record)
         for sample in tariterators.group_by_keys(files, handler=record):
             read.samples += 1
             yield sample
+        if read.error is None and not stream.ends_like_a_tar():
+            read.error = "tar ends without its end-of-archive blocks: truncated at a member boundary"
+            read.errors.append(read.error)
     finally:
         stream.close()
+
+
+class TailReader:
+    """A read-only stream that remembers its last 1 KiB. Why: Python's ``tarfile`` (which webdataset
+    uses) raises on a member cut short, but takes a tar cut in a header or between members for a
+    complete one; a POSIX tar ends with two zero blocks, so the tail tells the two apart."""
+
+    END_BLOCKS = 2 * 512
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.tail = b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.tail = (self.tail + data)[-self.END_BLOCKS :]
+        return data
+
+    def ends_like_a_tar(self, limit: int = 1 << 20) -> bool:
+        """Drain what the tar reader left (record padding, at most ``limit`` bytes) and check the tail."""
+        left = self.read(limit)
+        if len(left) == limit:
+            return False  # more than padding after the end marker: not a tar ending we recognise
+        return len(self.tail) == self.END_BLOCKS and not any(self.tail)
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 def _caption(raw: dict) -> str | None:
@@ -220,3 +250,18 @@ def decode_sample(raw: dict, image_size: int | None) -> tuple[dict | None, str |
     except (OSError, ValueError, Image.DecompressionBombError):
         return None, "decode_error"
     return sample, None
+
+
+def read_captions(spec: str | Sequence[str], limit: int, storage_options: dict | None = None) -> list[str]:
+    """Up to ``limit`` captions from the first shards in listed order (the offline tokenizer's corpus)."""
+    captions: list[str] = []
+    for ref in resolve_shards(spec, storage_options).shards:
+        for raw in raw_samples(ref, storage_options):
+            caption = _caption(raw)
+            if caption is not None:
+                captions.append(caption)
+            if len(captions) >= limit:
+                return captions
+    if not captions:
+        raise ShardSourceError(f"{spec}: no captions ('.txt' members) found to train a tokenizer on")
+    return captions
