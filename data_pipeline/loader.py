@@ -210,7 +210,7 @@ class ShardItems(IterableDataset):
             else:
                 yield {**base, "kind": SAMPLE, "position": position, "sample": decoded}
         yield {**base, "kind": END, "position": position + 1, "read": read.samples, "error": read.error,
-               "expected": ref.expected}
+               "dropped": read.dropped, "expected": ref.expected}
 
 
 # -- the consuming side --------------------------------------------------------------------------
@@ -415,7 +415,8 @@ class ShardStream:
         read, expected, error = item["read"], item["expected"], item["error"]
         if error is not None:
             self.stats.truncated[shard] = read
-            log.warning("shard %s is truncated or corrupt after %d sample(s): %s", shard, read, error)
+            dropped = f"; dropped the incomplete sample {item['dropped']!r}" if item["dropped"] else ""
+            log.warning("shard %s is truncated or corrupt after %d sample(s): %s%s", shard, read, error, dropped)
         if expected is not None and read != expected:
             self.stats.count_mismatch[shard] = [read, expected]
             log.warning("shard %s gave %d sample(s), its manifest entry says %d", shard, read, expected)

@@ -123,12 +123,14 @@ def resolve_shards(spec: str | Sequence[str], storage_options: dict | None = Non
 
 @dataclass
 class ShardRead:
-    """What reading one shard found: raw samples read and, for a truncated shard, the error."""
+    """What reading one shard found: whole samples read and, for a truncated shard, the error and the
+    key of the sample that was being read when it broke (dropped: it may lack members)."""
 
     ref: ShardRef
     samples: int = 0
     error: str | None = None
     errors: list[str] = field(default_factory=list)
+    dropped: str | None = None  # key of the incomplete last sample of a truncated shard
 
 
 def open_shard(ref: ShardRef, storage_options: dict | None = None):
@@ -155,12 +157,20 @@ def raw_samples(ref: ShardRef, storage_options: dict | None = None, read: ShardR
     stream = TailReader(open_shard(ref, storage_options))
     try:
         files = tariterators.tar_file_expander([{"url": ref.url, "stream": stream}], handler=record)
+        held = None  # a sample is passed on once the next one starts: only then is it known to be whole
         for sample in tariterators.group_by_keys(files, handler=record):
-            read.samples += 1
-            yield sample
+            if held is not None:
+                read.samples += 1
+                yield held
+            held = sample
         if read.error is None and not stream.ends_like_a_tar():
             read.error = "tar ends without its end-of-archive blocks: truncated at a member boundary"
             read.errors.append(read.error)
+        if held is not None and read.error is None:
+            read.samples += 1
+            yield held
+        elif held is not None:
+            read.dropped = held["__key__"]  # the sample being read when the shard broke may lack members
     finally:
         stream.close()
 

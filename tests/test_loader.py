@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
 import fsspec
@@ -174,12 +175,15 @@ def test_position_from_another_world_size_must_be_merged_first(dataset):
         ShardStream(directory, rank=0, world_size=1).load_state_dict(state)
 
 
-@pytest.mark.parametrize("fraction", [0.3, 0.55, 0.8, 0.9])  # cuts in member data, headers, padding
-def test_truncated_shard_is_reported_with_name_and_count(tmp_path, caplog, fraction):
+@pytest.mark.parametrize("cut", [0.3, 0.55, 0.8, 0.99, "boundary"])  # in member data, headers, padding
+def test_truncated_shard_is_reported_with_name_and_count(tmp_path, caplog, cut):
     write_shards(tmp_path, shards=2)
     path = tmp_path / "part-000001.tar"
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * fraction)])
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    content_end = members[-1].offset_data + members[-1].size
+    at = members[6].offset if cut == "boundary" else int(content_end * cut)
+    path.write_bytes(path.read_bytes()[:at])
     stream = ShardStream(str(tmp_path), shuffle_buffer=0)
     with caplog.at_level(logging.WARNING, logger="diffdis.data"):
         keys = rest_of_epoch(stream)
