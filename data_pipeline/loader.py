@@ -353,8 +353,11 @@ class ShardStream:
 
     def _start_pass(self) -> None:
         plan = self._plan()
+        # an own generator: otherwise every new DataLoader iterator draws its worker base seed from the
+        # global torch RNG, and a resumed run (which starts a pass at another step) would see other noise
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 1009 + self.epoch)
         self._loader = DataLoader(ShardItems(plan), batch_size=None, num_workers=self.num_workers,
-                                  collate_fn=_identity, persistent_workers=False)
+                                  collate_fn=_identity, persistent_workers=False, generator=generator)
         self._items = iter(self._loader)
 
     def close(self) -> None:
