@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output directory (default outputs/demo)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     demo.set_defaults(func=cmd_demo)
+
+    from pretrain import precompute_cli  # noqa: PLC0415
+
+    precompute_cli.add_parser(sub)
     return parser
 
 
