@@ -73,6 +73,7 @@ def test_loss_from_precomputed_latents_equals_loss_from_pixels(autoencoder, pixe
     from_latents = make_batch(feature_samples, tokenizer, config, CPU)
     assert set(from_pixels) - set(from_latents) == {"pixels"} and set(from_latents) - set(from_pixels) == {"latents"}
 
+    torch.testing.assert_close(from_latents["latents"], model.encode_images(from_pixels["pixels"]), rtol=0, atol=1e-6)
     objective = DiffDisObjective(model, config.diffusion, config.loss)
     torch.manual_seed(123)
     expected = objective(**from_pixels)
