@@ -65,15 +65,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Encode WebDataset pixel shards with the frozen autoencoder (one Ray task per shard, GPU "
         "when available) into feature shards with the same keys ({key}.latent.npy, .txt, .json) and a "
         "manifest.json of kind 'features'. Train on them with data.source=shards data.precomputed=true.")
-    parser.add_argument("input", metavar="INPUT_URL", help="pixel shards: manifest URL/dir, glob or brace pattern")
-    parser.add_argument("output", metavar="OUTPUT_URL", help="directory URL for the feature shards (file://, s3://, path)")
+    # one positional list (split in run): argparse cannot put KEY=VALUE after options otherwise
+    parser.add_argument("paths", nargs="+", metavar="INPUT_URL OUTPUT_URL [KEY=VALUE ...]",
+                        help="pixel shards (manifest URL/dir, glob or brace pattern), the directory URL for the "
+                        "feature shards (file://, s3://, path), then dotted overrides for --run-config (before the options, "
+                        "e.g. `diffdis precompute IN OUT model.image_size=64 --run-config run.yaml`)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-config", type=Path, help="run config YAML: build the autoencoder as a fresh run would")
     source.add_argument("--model", type=Path, help="saved DiffDis model folder (a checkpoint's model/)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     parser.add_argument("--storage-options", default=None, help="fsspec storage options as JSON (default: environment)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for --run-config")
     parser.set_defaults(func=run)
     return parser
 
@@ -82,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
     from data_pipeline.precompute import precompute_features  # noqa: PLC0415
     from data_pipeline.storage import parse_storage_options  # noqa: PLC0415
 
+    if len(args.paths) < 2:
+        raise ValueError("give INPUT_URL and OUTPUT_URL")
+    args.input, args.output, args.overrides = args.paths[0], args.paths[1], args.paths[2:]
     if args.overrides and args.run_config is None:
         raise ValueError("KEY=VALUE overrides apply to --run-config only")
     factory = AutoencoderFactory(str(args.model) if args.model else None,

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -93,22 +91,21 @@ def test_run_config_factory_builds_the_autoencoder_the_trainer_builds(tokenizer)
     torch.testing.assert_close(factory(torch.device("cpu"))(pixels), trainer_model.encode_images(pixels), rtol=0, atol=0)
 
 
-def test_cli_writes_feature_shards_and_the_trainer_trains_on_them(pixel_shards, tmp_path):
+def test_cli_writes_feature_shards_and_the_trainer_trains_on_them(pixel_shards, ray_session, tmp_path, capsys):
+    """`diffdis precompute` in this process (reusing the module's Ray session: a subprocess would start
+    its own Ray, tens of seconds here)."""
+    from pretrain.cli import main  # noqa: PLC0415
+
     pixels_dir, keys = pixel_shards
     out = tmp_path / "features"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    command = [sys.executable, "-m", "pretrain.cli", "precompute", pixels_dir, str(out),
-               "--run-config", str(CONFIGS_DIR / "tiny.yaml"), "--batch-size", "4", "--num-cpus", "2", "model.image_size=8"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    options = ["--run-config", str(CONFIGS_DIR / "tiny.yaml"), "--batch-size", "4", "--num-cpus", "2"]
+    assert main(["precompute", pixels_dir, str(out), "model.image_size=8", *options]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["samples"] == len(keys) and summary["shards"] == 3 and summary["latent_shape"] == [3, 8, 8]
     first = next(ShardStream(str(out), shuffle_buffer=0))
     assert first["latent"].dtype == np.float32 and first["latent"].shape == (3, 8, 8)
-
-    missing = subprocess.run([*command[:4], str(tmp_path / "nowhere"), str(tmp_path / "x"), *command[6:]],
-                             capture_output=True, text=True, env=env, timeout=120)
-    assert missing.returncode == 2 and "nowhere" in missing.stderr
+    assert main(["precompute", str(tmp_path / "nowhere"), str(tmp_path / "x"), *options]) == 2
+    assert "nowhere" in capsys.readouterr().err
 
     from pretrain.trainer import Trainer  # noqa: PLC0415
 
