@@ -134,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     demo.set_defaults(func=cmd_demo)
 
-    from pretrain import shard_cli  # noqa: PLC0415
+    from pretrain import precompute_cli, shard_cli  # noqa: PLC0415
 
     shard_cli.add_parser(sub)
+    precompute_cli.add_parser(sub)
     return parser
 
 

@@ -19,12 +19,34 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 @dataclass
 class DataConfig:
-    """Where training pairs come from. ``digits``: scikit-learn's bundled digits, rendered at
-    ``model.image_size`` with template captions; a fixed held-out split by ``split_seed``."""
+    """Where training pairs come from.
 
-    source: Literal["digits"] = "digits"
+    ``digits``: scikit-learn's bundled digits, rendered at ``model.image_size`` with template captions;
+    a fixed held-out split by ``split_seed``. ``shards``: WebDataset shards (ours or img2dataset's) read
+    by ``data_pipeline.loader.ShardStream`` from ``shards`` (a manifest URL or directory, a glob, a
+    brace pattern ``.../part-{000000..000009}.tar``; any fsspec URL, credentials from the environment).
+    Images are resized/cropped to ``model.image_size``. ``precomputed``: the shards hold latents from
+    ``diffdis precompute`` (the autoencoder is skipped in training).
+    """
+
+    source: Literal["digits", "shards"] = "digits"
     split_seed: int = 0
     heldout_fraction: float = 0.2
+    shards: str | None = None
+    num_workers: int = 2  # DataLoader processes decoding shards (0: in the trainer's process)
+    shuffle_buffer: int = 1000  # per-shard shuffle buffer (samples); 0 or 1 keeps tar order
+    resampled: bool = False  # draw shards with replacement per rank (multi-node); no epochs
+    precomputed: bool = False
+    tokenizer_captions: int = 10000  # captions read from the shards to train the offline tokenizer
+
+    def validate(self) -> None:
+        if self.source == "shards" and not self.shards:
+            raise ValueError("data.source=shards needs data.shards (a manifest URL/dir, glob or brace pattern)")
+        if self.precomputed and self.source != "shards":
+            raise ValueError("data.precomputed=true needs data.source=shards (feature shards from `diffdis precompute`)")
+        for name in ("num_workers", "shuffle_buffer", "tokenizer_captions"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be >= 0")
 
 
 @dataclass

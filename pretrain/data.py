@@ -1,29 +1,62 @@
-"""The trainer's view of data: the training stream and the tokenizer for the configured source.
+"""The trainer's view of data: the training stream, the tokenizer for the configured source, and
+the batch a training step consumes.
 
-The stream implements ``data_pipeline.dataset.ImageTextStream`` (resumable position); the shard
-loader will implement the same interface."""
+The stream implements ``data_pipeline.dataset.ImageTextStream`` (resumable position): the in-memory
+digits stream or the shard loader (``data_pipeline.loader.ShardStream``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from data_pipeline.dataset import InMemoryImageTextStream, make_digits_stream
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from data_pipeline.dataset import ImageTextStream, collate_images, make_digits_stream
 from data_pipeline.digits import TRAIN_TEMPLATES, caption_for
+from data_pipeline.loader import ShardStream
+from data_pipeline.wds_io import read_captions
 from pretrain.config import RunConfig
-from pretrain.model.tokenizer import load_tokenizer, train_tokenizer
+from pretrain.model.tokenizer import load_tokenizer, tokenize, train_tokenizer
 
 TOKENIZER_DIR = "tokenizer"
 
 
-def make_train_stream(config: RunConfig, rank: int, world_size: int) -> InMemoryImageTextStream:
+def make_train_stream(config: RunConfig, rank: int, world_size: int) -> ImageTextStream:
+    data = config.data
+    if data.source == "shards":
+        return ShardStream(
+            data.shards, seed=config.train.seed, rank=rank, world_size=world_size, num_workers=data.num_workers,
+            shuffle_buffer=data.shuffle_buffer, resampled=data.resampled,
+            image_size=None if data.precomputed else config.model.image_size,
+            expect="features" if data.precomputed else "pixels",
+        )
     return make_digits_stream(
         "train", config.model.image_size, seed=config.train.seed, rank=rank, world_size=world_size,
-        split_seed=config.data.split_seed,
+        split_seed=data.split_seed,
     )
 
 
+def make_batch(samples: Sequence[dict], tokenizer, config: RunConfig, runtime) -> dict[str, torch.Tensor]:
+    """Token ids + ``pixels`` (Bx3xHxW in [-1, 1]) or, for feature shards, ``latents`` (the
+    precomputed autoencoder output), in bf16 when the run is."""
+    tokens = tokenize(tokenizer, [s["caption"] for s in samples], config.model.text_encoder.max_length)
+    if "latent" in samples[0]:
+        images = torch.from_numpy(np.stack([s["latent"] for s in samples])).float()
+        name = "latents"
+    else:
+        images, name = collate_images(samples), "pixels"
+    if runtime.bf16:
+        images = images.to(torch.bfloat16)
+    return {name: images, **tokens}
+
+
 def training_captions(config: RunConfig) -> list[str]:
-    """Every caption the training source can produce (the tokenizer's training corpus)."""
+    """The tokenizer's training corpus: every caption the digits source can produce, or the first
+    ``data.tokenizer_captions`` captions of the shards."""
+    if config.data.source == "shards":
+        return read_captions(config.data.shards, config.data.tokenizer_captions)
     return [caption_for(label, index) for label in range(10) for index in range(len(TRAIN_TEMPLATES))]
 
 

@@ -85,12 +85,9 @@ class Trainer:
 
     # -- overridable pieces ------------------------------------------------------------------------
     def next_batch(self) -> dict[str, torch.Tensor]:
-        samples = [next(self.batches) for _ in range(self.micro_batch)]
-        tokens = tokenize(self.tokenizer, [s["caption"] for s in samples], self.config.model.text_encoder.max_length)
-        pixels = collate_images(samples)
-        if self.runtime.bf16:
-            pixels = pixels.to(torch.bfloat16)
-        return {"pixels": pixels, **tokens}
+        from pretrain.data import make_batch  # noqa: PLC0415 - lead: move to the module imports at merge
+
+        return make_batch([next(self.batches) for _ in range(self.micro_batch)], self.tokenizer, self.config, self.runtime)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         batch = {k: v.to(self.runtime.device) for k, v in batch.items()}

@@ -36,7 +36,9 @@ class KLAutoencoder(nn.Module):
         self.downscale = 2 ** (len(vae.config.block_out_channels) - 1)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(pixels).latent_dist.mean * self.scaling_factor
+        # contiguous: the posterior mean is a strided view (channels-last-like), and randn_like follows
+        # strides, so live latents would get other noise than the same latents loaded from feature shards
+        return (self.vae.encode(pixels).latent_dist.mean * self.scaling_factor).contiguous()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.scaling_factor).sample
