@@ -36,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pretrain.config import load_run_config  # noqa: PLC0415 - keep --help fast
 
     config = load_run_config(args.config, args.overrides)  # bad config: exit 2 before any process starts
-    if args.nproc is not None and "RANK" not in os.environ:
+    if args.nproc is not None:  # the launched processes run the same command without --nproc
         from pretrain.launch import launch_local  # noqa: PLC0415
 
         return launch_local(args.nproc, _without_nproc(args.argv))

@@ -31,12 +31,21 @@ def is_zero3_param(param: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def gathered(params: list[nn.Parameter]) -> Iterator[None]:
-    """Full values of ZeRO-3-partitioned ``params`` inside the block (a no-op for ordinary tensors)."""
-    partitioned = [p for p in params if is_zero3_param(p)]
-    if not partitioned:
+    """Full values of ZeRO-3-partitioned ``params`` inside the block (a no-op for ordinary tensors).
+
+    Only parameters that are partitioned right now are gathered: small ones ZeRO-3 keeps whole
+    (``stage3_param_persistence_threshold``) would be partitioned on leaving ``GatheredParameters``,
+    and ZeRO-3 never gathers those again (measured: the next backward fails on a 0-size tensor)."""
+    if not any(is_zero3_param(p) for p in params):
         yield
         return
     import deepspeed  # noqa: PLC0415 - only under ZeRO-3
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: PLC0415
+
+    partitioned = [p for p in params if is_zero3_param(p) and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if not partitioned:
+        yield
+        return
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         yield
