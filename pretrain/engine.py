@@ -129,4 +129,19 @@ def initialize_engine(module: nn.Module, config: RunConfig, dist_env: DistEnv, r
         lr_scheduler=schedule,
         config=deepspeed_config(config, dist_env.world_size, runtime, load_universal),
     )
+    if config.deepspeed.zero_stage == 3:
+        register_external_parameters(module)
     return engine
+
+
+def register_external_parameters(objective: nn.Module) -> None:
+    """ZeRO-3 materialises a module's own parameters only while *that* module's forward runs. The
+    UNet's null context is also read by the objective (CFG dropout swaps caption states for it before
+    the UNet runs), so it is registered as an external parameter of the objective. Without this it
+    only works while the tensor happens to be whole (small parameters stay whole until a checkpoint
+    load re-partitions them: measured, the first backward after a ZeRO-3 resume failed)."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter  # noqa: PLC0415
+
+    unet = getattr(getattr(objective, "model", None), "unet", None)
+    if unet is not None:
+        register_external_parameter(objective, unet.null_context)

@@ -82,11 +82,6 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.resume = resume
-        if config.train.activation_checkpointing and config.deepspeed.zero_stage == 3:
-            # measured: non-reentrant recomputation sees ZeRO-3's emptied parameters; reentrant
-            # recomputation reduces a parameter used by both passes twice (DeepSpeed assertion)
-            raise ValueError("train.activation_checkpointing is not supported with ZeRO-3 (deepspeed.zero_stage=3) "
-                             "yet: use ZeRO-2, or turn it off")
         self.dist = read_dist_env()
         self.runtime = detect_runtime(self.dist, config.train.precision)
         seed_everything(config.train.seed + self.dist.rank)

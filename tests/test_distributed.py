@@ -24,11 +24,11 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["train.batch_size=8", "train.log_every=1", "train.keep_last=0", "train.checkpoint_every=2",
           "optim.warmup_steps=2", "optim.grad_clip=0.5"]
-# the exactness checks also cover EMA, activation checkpointing (ZeRO-2), gradient accumulation (ZeRO-3),
+# the exactness checks also cover EMA, activation checkpointing, gradient accumulation (ZeRO-3),
 # and for ZeRO-2 a resume from / save to S3 in async mode
 STAGES = {
     2: ["deepspeed=zero2", "train.ema_decay=0.9", "train.activation_checkpointing=true"],
-    3: ["deepspeed=zero3", "train.ema_decay=0.9", "train.grad_accum=2"],
+    3: ["deepspeed=zero3", "train.ema_decay=0.9", "train.grad_accum=2", "train.activation_checkpointing=true"],
 }
 
 

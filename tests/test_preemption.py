@@ -60,7 +60,8 @@ def test_kill_during_save_then_resume_then_sigterm(tmp_path):
     assert f"resumed from {root / tag_for(2)} (step 2" in output
     steps = logged_steps(run)
     stopped = steps[-1]
-    assert steps[steps.index(3, 1):] == list(range(3, stopped + 1))  # after the kill: 3, 4, ... again
+    restart = len(steps) - 1 - steps[::-1].index(3)
+    assert steps[:restart] == [1, 2, 3] and steps[restart:] == list(range(3, stopped + 1))  # 3, 4, ... again
     assert (root / tag_for(stopped) / COMPLETE).is_file() and stopped < 200
     assert (root / "latest").read_text() == tag_for(stopped)
     states = [json.loads((root / tag_for(stopped) / "trainer_state" / f"rank-{r:05d}.json").read_text()) for r in range(2)]
