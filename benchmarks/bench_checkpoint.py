@@ -80,6 +80,7 @@ def main() -> None:
     size = args.size or ("tiny" if args.quick else "small")
     saves = args.saves or (3 if args.quick else 6)
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto server request lines
     server = None
     with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as scratch:
         scratch = Path(scratch)

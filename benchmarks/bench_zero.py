@@ -28,9 +28,10 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_step import build, count_flops, make_batch  # noqa: E402
-from cluster.env import DistEnv, free_port  # noqa: E402
-from pretrain.config import CONFIGS_DIR, load_run_config  # noqa: E402
-from pretrain.engine import Runtime, build_optimizer, deepspeed_config, default_extensions_dir  # noqa: E402
+from cluster.env import free_port  # noqa: E402
+from pretrain.engine import (  # noqa: E402
+    Runtime, build_optimizer, deepspeed_config, default_extensions_dir, register_external_parameters,
+)
 
 MODES = ["ddp", "zero1", "zero2", "zero3"]
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
@@ -66,6 +67,8 @@ def time_mode(mode: str, size: str, micro: int, iterations: int, rank: int, worl
         config.deepspeed.zero_stage = int(mode[-1])
         ds_config = deepspeed_config(config, world, Runtime(device, "nccl" if bf16 else "gloo", bf16))
         engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+        if config.deepspeed.zero_stage == 3:
+            register_external_parameters(objective)
 
         def step(batch):
             engine.backward(engine(**batch)["loss"])
@@ -114,7 +117,6 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
             rows[f"{size}/{mode}"] = time_mode(mode, size, args.batch, args.iterations, rank, world, device)
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
-    _ = DistEnv  # documented: same variables as cluster.env reads
 
 
 def main() -> None:
