@@ -109,6 +109,29 @@ class InMemoryImageTextStream:
         self.epoch, self.offset = epoch, offset
         self._epoch_indices = self._indices_for(epoch)
 
+    def reshard_state(self, rank_states: Sequence[dict], new_rank: int, new_world: int) -> dict:
+        """The position for rank ``new_rank`` of ``new_world`` that continues where the saved ranks
+        (``rank_states``, one per old rank, in rank order) stopped, on this stream's own sharding.
+
+        Old rank r had taken positions r, r + W, ... of epoch e's permutation, so together the W ranks
+        consumed the first ``offset x W`` positions (ranks step in lockstep: equal offsets). The new
+        ranks continue at position ``ceil(offset x W / W')`` x W' of that same permutation (the
+        permutation depends only on (seed, epoch), not on the world size). When the global batch is
+        unchanged, ``offset x W`` is a multiple of W' and nothing is skipped or repeated; otherwise at
+        most W' - 1 samples are skipped (never repeated). Past the end of the epoch's kept samples at
+        the new world size, the stream moves on to the next epoch."""
+        epochs = {int(s["epoch"]) for s in rank_states}
+        offsets = {int(s["offset"]) for s in rank_states}
+        if len(epochs) != 1 or len(offsets) != 1:
+            raise ValueError(f"saved ranks are at different stream positions {list(rank_states)}: cannot reshard")
+        epoch, offset = epochs.pop(), offsets.pop()
+        consumed = offset * len(rank_states)
+        new_offset = -(-consumed // new_world)  # ceil: skip rather than repeat
+        per_rank = len(self.keys) // new_world
+        if new_offset >= per_rank:
+            return {"epoch": epoch + 1, "offset": 0}
+        return {"epoch": epoch, "offset": new_offset}
+
 
 def random_train_caption(label: int, rng: np.random.Generator) -> str:
     """Caption from a uniformly chosen training template (the digits ``caption_fn``)."""

@@ -1,16 +1,27 @@
 """One checkpointer for the whole training state (DESIGN.md "Checkpoints").
 
-Layout under ``root``::
+Layout under the checkpoint root (a local path or an ``s3://`` URL)::
 
     step-000000100/            one directory per step
-        <DeepSpeed ZeRO per-rank shards>      engine.save_checkpoint(root, tag)
-        trainer_state/rank-00000.json          step, data position, RNG states (one file per rank)
-        model/                                 rank 0: safetensors weights + config + tokenizer (inference)
+        <DeepSpeed ZeRO per-rank shards>      engine.save_checkpoint
+        trainer_state/rank-00000.json          step, data position, RNG states: one file per rank
+        model/                                 safetensors weights + config + tokenizer (inference)
+        model-ema/                             the same for the EMA weights (when train.ema_decay > 0)
         config.yaml                            the resolved run config
-        COMPLETE                               written last; a directory without it does not exist
-    latest                                     the newest complete tag (also DeepSpeed's convention)
+        .done/rank-00000.json                  async mode: rank r's files are in place
+        COMPLETE                               written last: step, world size, ZeRO stage, every
+                                               file's size and CRC-32; without it the directory
+                                               does not exist for resume or eval
+    latest                                     the newest complete tag, written after COMPLETE
+    universal/step-000000100/                  DeepSpeed universal copy, made when resuming at
+                                               another world size (local roots; cached beside)
 
-A half-written directory (killed mid-save) has no ``COMPLETE`` and is never resumed from or evaluated.
+Every rank saves into its own local staging directory (``engine.save_checkpoint`` takes a
+directory per call, so ranks on different nodes never share one), then moves (local root: a rename)
+or uploads (object store) each of its files whole. Rank 0 writes ``COMPLETE`` once every rank's files
+are in place, then ``latest``, then prunes to the newest ``keep_last``. In async mode the moving and
+uploading run in a background thread: training is blocked only for DeepSpeed's local write.
+
 Trainer state is JSON and weights are safetensors, so nothing of ours is unpickled on load; DeepSpeed's
 own shards are loaded by DeepSpeed (which unpickles): resume only from checkpoints you wrote.
 """
@@ -19,20 +30,39 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import random
-import re
 import shutil
+import subprocess
+import sys
+import threading
 import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-COMPLETE = "COMPLETE"
+from pretrain.checkpoint_store import COMPLETE, TAG_PATTERN, CheckpointStore
+
+log = logging.getLogger("diffdis.checkpoint")
+
 LATEST = "latest"
-_TAG = re.compile(r"^step-(\d{9})$")
+DONE_DIR = ".done"
+UNIVERSAL_DIR = "universal"
+TRAINER_STATE_DIR = "trainer_state"
+_TAG = TAG_PATTERN
+# test hook: "STEP:SECONDS" sleeps before COMPLETE of that step (lets a test kill -9 mid-save)
+SLEEP_BEFORE_COMPLETE_ENV = "DIFFDIS_TEST_SLEEP_BEFORE_COMPLETE"
+ASYNC_DONE_TIMEOUT_S = 3600.0  # rank 0 waits this long for the other ranks' files in async mode
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is damaged or cannot be loaded; the message names the file. (A ValueError: bad
+    input, so the CLI reports it and exits 2.)"""
 
 
 class Stateful(Protocol):
@@ -42,6 +72,9 @@ class Stateful(Protocol):
 
 class RNGState:
     """Python, NumPy and torch (CPU, and CUDA when present) generator states, as JSON."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
 
     def state_dict(self) -> dict:
         state = {
@@ -62,6 +95,17 @@ class RNGState:
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(_bytes_tensor(state["cuda"]))
 
+    def reshard_state(self, rank_states: list[dict], new_rank: int, new_world: int) -> dict:
+        """At another world size rank r keeps old rank r's generators; a rank that did not exist
+        gets generators seeded from (seed, rank, old world size), distinct from every other rank's."""
+        if new_rank < len(rank_states):
+            return rank_states[new_rank]
+        seed = self.seed + new_rank + 1_000_003 * len(rank_states)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        return self.state_dict()
+
 
 def _bytes_tensor(encoded: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.uint8)
@@ -79,8 +123,8 @@ def tag_for(step: int) -> str:
     return f"step-{step:09d}"
 
 
-def step_of(directory: Path) -> int | None:
-    match = _TAG.match(directory.name)
+def step_of(directory: Path | str) -> int | None:
+    match = _TAG.match(Path(str(directory).rstrip("/")).name)
     return int(match.group(1)) if match else None
 
 
@@ -89,7 +133,7 @@ def is_complete(directory: Path) -> bool:
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoint directories under ``root``, oldest first."""
+    """Complete checkpoint directories under a local ``root``, oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -104,80 +148,303 @@ def latest_complete(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def file_digest(path: Path) -> tuple[int, int]:
+    """(bytes, CRC-32) of a file: cheap enough to compute for every shard (zlib runs at GB/s), and
+    catches the truncated or overwritten shard that a size check alone would miss."""
+    crc, size = 0, 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return size, crc
+
+
+def read_marker(store: CheckpointStore, tag: str) -> dict:
+    if not store.is_complete(tag):
+        raise FileNotFoundError(
+            f"{store.display(tag)} has no {COMPLETE} marker: it is incomplete (a save was interrupted); "
+            "resume from an earlier checkpoint"
+        )
+    return json.loads(store.read_text(tag, COMPLETE))
+
+
+@dataclass
+class Restored:
+    step: int
+    directory: Path  # a local copy of the checkpoint (the store itself, or the download cache)
+    marker: dict
 
 
 class Checkpointer:
     """Saves and restores the DeepSpeed engine plus every registered :class:`Stateful` piece.
 
     ``stateful`` maps names to objects whose ``state_dict`` is JSON (the trainer's step counter, the
-    data stream position, RNG states); each rank writes its own, since positions and RNG differ per rank.
+    data stream position, RNG states); each rank writes its own. Resuming at another world size asks
+    each piece for ``reshard_state(rank_states, new_rank, new_world)`` (see :func:`reshard`).
     """
 
-    def __init__(self, root: str | Path, engine, stateful: dict[str, Stateful], rank: int, world_size: int, keep_last: int = 3):
-        self.root = Path(root)
+    def __init__(
+        self,
+        store: CheckpointStore,
+        engine,
+        stateful: dict[str, Stateful],
+        rank: int,
+        world_size: int,
+        keep_last: int = 3,
+        *,
+        local_rank: int = 0,
+        staging_dir: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+        async_save: bool = False,
+    ):
+        self.store = store
         self.engine = engine
         self.stateful = stateful
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.keep_last = keep_last
+        if staging_dir is None:
+            if not store.local:
+                raise ValueError(f"checkpoints on {store.url} need a local staging directory")
+            staging_dir = store.local_path(".staging")
+        self.staging = Path(staging_dir)
+        self.cache = Path(cache_dir) if cache_dir is not None else self.staging.parent / ".checkpoint-cache"
+        self.async_save = async_save
+        self.last_blocked_s = 0.0
+        self._pending: threading.Thread | None = None
+        self._pending_error: BaseException | None = None
 
+    # -- collectives -------------------------------------------------------------------------------
     def _barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
 
-    def save(self, step: int, write_extras=None) -> Path:
-        """Write checkpoint ``step``; ``write_extras(directory)`` runs on rank 0 before COMPLETE
-        (model export, config). Returns the checkpoint directory."""
+    def _all_gather(self, value):
+        if self.world_size == 1:
+            return [value]
+        gathered = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
+    # -- save --------------------------------------------------------------------------------------
+    def save(self, step: int, write_extras=None) -> str:
+        """Write checkpoint ``step``; ``write_extras(directory)`` runs on every rank inside the staged
+        directory (rank 0 writes the model folders and config). Returns the checkpoint's URL/path.
+        In async mode it returns as soon as the local write is done; :attr:`last_blocked_s` says how
+        long training was blocked."""
+        started = time.perf_counter()
+        self.wait()
         tag = tag_for(step)
-        directory = self.root / tag
-        if self.rank == 0 and directory.exists():  # a stale incomplete attempt at this step
-            shutil.rmtree(directory)
+        stage_root = self.staging / f"rank-{self.rank:05d}"
+        stage_dir = stage_root / tag
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        if self.rank == 0:
+            self.store.remove(tag)  # a stale incomplete attempt at this step
         self._barrier()
-        self.engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
-        state_dir = directory / "trainer_state"
+        self.engine.save_checkpoint(str(stage_root), tag=tag, save_latest=False)
+        state_dir = stage_dir / TRAINER_STATE_DIR
         state_dir.mkdir(parents=True, exist_ok=True)
         state = {name: obj.state_dict() for name, obj in self.stateful.items()}
-        _write_atomic(state_dir / f"rank-{self.rank:05d}.json", json.dumps(state))
-        if self.rank == 0 and write_extras is not None:
-            write_extras(directory)
-        self._barrier()
-        if self.rank == 0:
-            marker = {"step": step, "world_size": self.world_size, "time": time.time()}
-            _write_atomic(directory / COMPLETE, json.dumps(marker))
-            _write_atomic(self.root / LATEST, tag)
-            self._prune()
-        self._barrier()
-        return directory
+        (state_dir / f"rank-{self.rank:05d}.json").write_text(json.dumps(state))
+        if write_extras is not None:
+            write_extras(stage_dir)
+        files = sorted(str(p.relative_to(stage_dir)) for p in stage_dir.rglob("*") if p.is_file())
+        if self.async_save:
+            self._pending_error = None
+            self._pending = threading.Thread(target=self._persist_in_background, args=(tag, step, stage_dir, files),
+                                             name=f"checkpoint-{tag}")
+            self._pending.start()
+        else:
+            manifests = self._all_gather(self._persist(tag, stage_dir, files))
+            if self.rank == 0:
+                self._finalize(tag, step, manifests)
+            self._barrier()
+        self.last_blocked_s = time.perf_counter() - started
+        return self.store.display(tag)
+
+    def _persist(self, tag: str, stage_dir: Path, files: list[str]) -> dict:
+        """Move/upload this rank's staged files; returns their manifest entries."""
+        manifest = {}
+        for relative in files:
+            source = stage_dir / relative
+            size, crc = file_digest(source)
+            manifest[relative] = {"bytes": size, "crc32": crc, "rank": self.rank}
+            self.store.put(source, tag, relative)
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        return manifest
+
+    def _persist_in_background(self, tag: str, step: int, stage_dir: Path, files: list[str]) -> None:
+        """Async mode, one thread per rank. No torch.distributed here (collectives from a second
+        thread would interleave with training's): ranks report through ``.done/rank-R.json`` files in
+        the checkpoint itself, which rank 0 waits for before writing COMPLETE."""
+        try:
+            manifest = self._persist(tag, stage_dir, files)
+            self.store.write_text(json.dumps(manifest), tag, DONE_DIR, f"rank-{self.rank:05d}.json")
+            if self.rank == 0:
+                deadline = time.monotonic() + ASYNC_DONE_TIMEOUT_S
+                names = [f"rank-{r:05d}.json" for r in range(self.world_size)]
+                while not all(self.store.exists(tag, DONE_DIR, n) for n in names):
+                    if time.monotonic() > deadline:
+                        raise CheckpointError(f"{self.store.display(tag)}: not every rank finished its files "
+                                              f"within {ASYNC_DONE_TIMEOUT_S:.0f} s; left incomplete")
+                    time.sleep(0.2)
+                manifests = [json.loads(self.store.read_text(tag, DONE_DIR, n)) for n in names]
+                self._finalize(tag, step, manifests)
+        except BaseException as error:  # noqa: BLE001 - reported by wait()
+            self._pending_error = error
+
+    def _finalize(self, tag: str, step: int, manifests: list[dict]) -> None:
+        """Rank 0: COMPLETE (with every file's size and checksum), then ``latest``, then pruning."""
+        hook = os.environ.get(SLEEP_BEFORE_COMPLETE_ENV, "")
+        if hook and int(hook.split(":")[0]) == step:
+            time.sleep(float(hook.split(":")[1]))
+        files = {name: entry for manifest in manifests for name, entry in manifest.items()}
+        marker = {"step": step, "world_size": self.world_size, "zero_stage": self.engine.zero_optimization_stage(),
+                  "time": time.time(), "files": files}
+        self.store.write_text(json.dumps(marker), tag, COMPLETE)
+        self.store.write_text(tag, LATEST)
+        log.info("checkpoint %s complete (%d files)", self.store.display(tag), len(files))
+        self._prune()
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
             return
-        for old in complete_checkpoints(self.root)[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in self.store.complete_tags()[: -self.keep_last]:
+            self.store.remove(old)
+            for copy_root in (self._local_root(), self.cache):
+                shutil.rmtree(copy_root / UNIVERSAL_DIR / old, ignore_errors=True)
+                (copy_root / UNIVERSAL_DIR / f"{old}.converted").unlink(missing_ok=True)
+            shutil.rmtree(self.cache / old, ignore_errors=True)
 
-    def load(self, directory: str | Path) -> int:
-        """Restore engine and stateful pieces from a complete checkpoint; returns its step."""
-        directory = Path(directory)
-        if not is_complete(directory):
-            raise FileNotFoundError(f"{directory} has no {COMPLETE} marker: it is incomplete (a save was interrupted)")
-        marker = json.loads((directory / COMPLETE).read_text())
-        if marker["world_size"] != self.world_size:
-            raise NotImplementedError(
-                f"{directory} was written by {marker['world_size']} processes, this run has {self.world_size}: "
-                "resuming at another world size is not supported yet"
-            )
-        state_file = directory / "trainer_state" / f"rank-{self.rank:05d}.json"
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{state_file} is missing from checkpoint {directory}")
-        load_path, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name)
+    def _local_root(self) -> Path:
+        return self.store.local_path() if self.store.local else self.cache
+
+    def wait(self) -> None:
+        """Block until the previous async save is persisted (and, on rank 0, complete)."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+            if self._pending_error is not None:
+                error, self._pending_error = self._pending_error, None
+                raise CheckpointError(f"background checkpoint save failed: {error}") from error
+
+    def close(self) -> None:
+        self.wait()
+        self._barrier()
+
+    # -- load --------------------------------------------------------------------------------------
+    def load(self, store: CheckpointStore, tag: str) -> Restored:
+        """Restore engine and stateful pieces from a complete checkpoint (any world size)."""
+        marker = read_marker(store, tag)
+        directory = self._localize(store, tag)
+        self._verify(store, tag, directory, marker)
+        saved_world = int(marker["world_size"])
+        load_root = directory.parent
+        if saved_world != self.world_size and int(marker.get("zero_stage", 1)) >= 1:
+            load_root = self._universal(store, directory)
+            log.info("%s was written by %d processes, this run has %d: loading its DeepSpeed universal copy %s",
+                     store.display(tag), saved_world, self.world_size, load_root / tag)
+        try:
+            load_path, _ = self.engine.load_checkpoint(str(load_root), tag=tag)
+        except Exception as error:  # noqa: BLE001 - re-raised with the checkpoint named
+            raise CheckpointError(f"DeepSpeed could not load {store.display(tag)}: {type(error).__name__}: {error}") from error
         if load_path is None:
-            raise FileNotFoundError(f"DeepSpeed found no engine state in {directory}")
-        state = json.loads(state_file.read_text())
+            raise CheckpointError(f"DeepSpeed found no engine state in {store.display(tag)}")
+        states = []
+        for old_rank in range(saved_world):
+            state_file = directory / TRAINER_STATE_DIR / f"rank-{old_rank:05d}.json"
+            if not state_file.is_file():
+                raise FileNotFoundError(f"{store.display(tag, TRAINER_STATE_DIR, state_file.name)} is missing")
+            states.append(json.loads(state_file.read_text()))
         for name, obj in self.stateful.items():
-            if name not in state:
-                raise KeyError(f"{state_file} has no '{name}' state")
-            obj.load_state_dict(state[name])
-        return int(marker["step"])
+            missing = [k for k, s in enumerate(states) if name not in s]
+            if missing:
+                raise KeyError(f"{store.display(tag, TRAINER_STATE_DIR)}: rank {missing[0]} has no '{name}' state")
+            rank_states = [s[name] for s in states]
+            if saved_world == self.world_size:
+                obj.load_state_dict(rank_states[self.rank])
+            else:
+                obj.load_state_dict(reshard(name, obj, rank_states, self.rank, self.world_size))
+        return Restored(int(marker["step"]), directory, marker)
+
+    def _localize(self, store: CheckpointStore, tag: str) -> Path:
+        """The checkpoint as a local directory: itself on a local root, else a download into the
+        cache (one download per node, by local rank 0; reused when already complete)."""
+        if store.local:
+            return store.local_path(tag)
+        directory = self.cache / tag
+        done = self.cache / f"{tag}.downloaded"
+        if self.local_rank == 0 and not done.is_file():
+            shutil.rmtree(directory, ignore_errors=True)
+            log.info("downloading %s to %s", store.display(tag), directory)
+            store.download(tag, directory)
+            done.write_text(store.display(tag))
+        self._barrier()
+        return directory
+
+    def _verify(self, store: CheckpointStore, tag: str, directory: Path, marker: dict) -> None:
+        """Every file COMPLETE lists is present with its size and CRC-32. Ranks split the files and
+        agree on the first problem, so all of them raise the same error (none hangs in a collective)."""
+        files = sorted(marker.get("files", {}).items())
+        problem = None
+        for index, (relative, entry) in enumerate(files):
+            if index % self.world_size != self.rank:
+                continue
+            path = directory / relative
+            where = f"{store.display(tag, relative)} (written by rank {entry.get('rank', '?')})"
+            if not path.is_file():
+                problem = f"checkpoint file {where} is missing"
+                break
+            size, crc = file_digest(path)
+            if size != entry["bytes"] or crc != entry["crc32"]:
+                problem = (f"checkpoint file {where} is corrupt: {size} bytes, CRC-32 {crc:08x}; "
+                           f"COMPLETE recorded {entry['bytes']} bytes, CRC-32 {entry['crc32']:08x}")
+                break
+        problems = [p for p in self._all_gather(problem) if p]
+        if problems:
+            raise CheckpointError(f"{problems[0]}; resume from an earlier checkpoint or restore the file")
+
+    def _universal(self, store: CheckpointStore, directory: Path) -> Path:
+        """DeepSpeed's universal form of ``directory`` (made once, cached beside it as
+        ``universal/TAG``): the only form ZeRO 1-3 load at another data-parallel world size."""
+        root = directory.parent / UNIVERSAL_DIR
+        tag = directory.name
+        done = root / f"{tag}.converted"
+        converter = self.rank == 0 if store.local else self.local_rank == 0
+        if converter and not done.is_file():
+            started = time.perf_counter()
+            shutil.rmtree(root / tag, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(directory),
+                       "--output_folder", str(root / tag), "--num_extract_workers", "1", "--num_merge_workers", "1",
+                       "--inject_missing_state"]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise CheckpointError(f"converting {directory} to DeepSpeed's universal format failed "
+                                      f"(exit {result.returncode}): {result.stderr[-2000:]}")
+            done.write_text(json.dumps({"source": str(directory), "seconds": time.perf_counter() - started}))
+            log.info("converted %s to universal form in %.1f s", directory, time.perf_counter() - started)
+        self._barrier()
+        if not done.is_file():
+            raise CheckpointError(f"{root / tag} was not converted (is {root} on a filesystem every node sees?)")
+        return root
+
+
+def reshard(name: str, obj, rank_states: list[dict], new_rank: int, new_world: int) -> dict:
+    """The state rank ``new_rank`` of ``new_world`` loads, from the states of all saved ranks.
+
+    A stateful piece may implement ``reshard_state(rank_states, new_rank, new_world) -> dict`` (the
+    digits stream maps its position; RNGState keeps rank r's generators); or ``merge_states(rank_states)``
+    returning one state any rank can load. Pieces whose saved states are all equal (the step counter,
+    EMA bookkeeping) need neither."""
+    hook = getattr(obj, "reshard_state", None)
+    if callable(hook):
+        return hook(rank_states, new_rank, new_world)
+    merge = getattr(obj, "merge_states", None)
+    if callable(merge):
+        return merge(rank_states)
+    if all(state == rank_states[0] for state in rank_states):
+        return rank_states[0]
+    raise ValueError(
+        f"the saved '{name}' state differs between the {len(rank_states)} ranks and {type(obj).__name__} has no "
+        f"reshard_state(rank_states, new_rank, new_world): it cannot resume at world size {new_world}"
+    )

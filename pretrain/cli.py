@@ -32,12 +32,45 @@ def _print_json(record: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cluster.preemption import REQUEUE_EXIT_CODE  # noqa: PLC0415
     from pretrain.config import load_run_config  # noqa: PLC0415 - keep --help fast
+
+    config = load_run_config(args.config, args.overrides)  # bad config: exit 2 before any process starts
+    if args.nproc is not None:  # the launched processes run the same command without --nproc
+        from pretrain.launch import launch_local  # noqa: PLC0415
+
+        return launch_local(args.nproc, _without_nproc(args.argv))
     from pretrain.trainer import Trainer  # noqa: PLC0415
 
-    config = load_run_config(args.config, args.overrides)
-    last = Trainer(config, args.out, resume=args.resume).train()
-    print(f"run directory: {args.out}\nlatest checkpoint: {last}")
+    trainer = Trainer(config, args.out, resume=args.resume)
+    last = trainer.train()
+    if trainer.preempted:
+        print(f"preempted: checkpoint {last}; exiting with {REQUEUE_EXIT_CODE} (requeue, then --resume auto)")
+        return REQUEUE_EXIT_CODE
+    if trainer.dist.is_main:
+        print(f"run directory: {args.out}\nlatest checkpoint: {last}")
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line each launched process runs: this one without ``--nproc N``."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            kept.append(item)
+    return kept
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pretrain.export import export_checkpoint  # noqa: PLC0415
+
+    out = export_checkpoint(args.checkpoint, args.out, use_ema=not args.no_ema)
+    print(f"exported {out['weights']} weights of {out['checkpoint']} to {out['out']}")
+    _print_json(out)
     return 0
 
 
@@ -97,8 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default=None, metavar="auto|CHECKPOINT",
                        help="'auto': continue from the newest complete checkpoint in --out (fresh start if none); "
                        "or a checkpoint directory")
+    train.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="start N local processes (one per GPU, or CPU processes on gloo). Not needed under "
+                       "torchrun/srun/Kubernetes, which set RANK/WORLD_SIZE (or SLURM_PROCID/SLURM_NTASKS) themselves. "
+                       "After SIGTERM/SIGUSR1 every rank finishes its step, checkpoints and the command exits 75 "
+                       "(requeue; rerun with --resume auto)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     train.set_defaults(func=cmd_train)
+
+    export = sub.add_parser("export", help="consolidate a checkpoint into an inference folder (safetensors)",
+                            description="Write one folder that DiffDisModel.from_pretrained loads without DeepSpeed: "
+                            "model.safetensors (the EMA weights when the run kept them; --no-ema for the trained "
+                            "weights, consolidated from the ZeRO shards), config.json, tokenizer/ and the run's config.yaml. "
+                            "Prints a JSON summary as the last line.")
+    export.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run directory (its newest complete checkpoint) "
+                        "or a checkpoint directory")
+    export.add_argument("--out", type=Path, required=True, help="output folder")
+    export.add_argument("--no-ema", action="store_true", help="export the trained weights, not their EMA")
+    export.set_defaults(func=cmd_export)
 
     evaluate = sub.add_parser("eval", help="evaluate one checkpoint", formatter_class=fmt,
                               description="Evaluate a checkpoint (or a run's newest complete one) on held-out data.\n"
@@ -142,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     _setup_logging(args.verbose)
     try:
         return args.func(args)

@@ -63,18 +63,30 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    batch_size: int = 64  # global batch: per-process micro batch = batch_size / world_size
+    steps: int = 200  # optimizer steps
+    # global batch per optimizer step = micro batch x grad_accum x world size
+    batch_size: int = 64
+    grad_accum: int = 1  # micro batches per optimizer step (DeepSpeed gradient_accumulation_steps)
     seed: int = 0
     checkpoint_every: int = 100
     keep_last: int = 3  # complete checkpoints kept; 0 keeps all
     log_every: int = 10
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    ema_decay: float = 0.0  # EMA of the weights, used by eval/export; 0 = off (e.g. 0.9999 on big runs)
+    activation_checkpointing: bool = False  # recompute UNet block activations in backward (torch.utils.checkpoint)
+    # where checkpoints go: a local path or an fsspec URL (s3://bucket/prefix); default RUN/checkpoints
+    checkpoint_dir: str | None = None
+    # local directory DeepSpeed writes to before files are moved/uploaded (default: beside the target
+    # for local paths, RUN/.checkpoint-staging for object stores); fast local disk makes saves cheap
+    checkpoint_staging_dir: str | None = None
+    async_checkpoint: bool = False  # move/upload in a background thread; training resumes after the local write
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must lie in [0, 1) (0 turns EMA off)")
 
 
 @dataclass
@@ -104,6 +116,40 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+PRESET_GROUPS = ("deepspeed",)  # ``deepspeed=zero2`` stands for the contents of configs/deepspeed/zero2.yaml
+
+
+def expand_presets(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Turn ``GROUP=NAME`` (a shipped preset, e.g. ``deepspeed=zero2``) into the dotted overrides of
+    ``configs/GROUP/NAME.yaml``; other overrides pass through in order, so later ones still win."""
+    from pretrain.config_io import ConfigError, load_yaml_tree  # noqa: PLC0415
+
+    expanded: list[str] = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() in PRESET_GROUPS and "." not in value and "{" not in value:
+            group, name = key.strip(), value.strip()
+            preset = CONFIGS_DIR / group / f"{name}.yaml"
+            if not preset.is_file():
+                choices = sorted(p.stem for p in (CONFIGS_DIR / group).glob("*.yaml"))
+                raise ConfigError(f"{group}={name}: no preset {preset} (choices: {', '.join(choices)})")
+            expanded.extend(_dotted(load_yaml_tree(preset)))
+        else:
+            expanded.append(item)
+    return expanded
+
+
+def _dotted(tree: dict, prefix: str = "") -> list[str]:
+    import json  # noqa: PLC0415
+
+    items = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        items.extend(_dotted(value, f"{path}.") if isinstance(value, dict) else [f"{path}={json.dumps(value)}"])
+    return items
+
+
 def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Defaults ← YAML at ``path`` (with ``_base_`` includes) ← dotted overrides; strictly typed."""
-    return load_config(RunConfig, path, list(overrides))
+    """Defaults ← YAML at ``path`` (with ``_base_`` includes) ← dotted overrides; strictly typed.
+    ``deepspeed=zero3`` selects a shipped preset (:func:`expand_presets`)."""
+    return load_config(RunConfig, path, expand_presets(list(overrides)))

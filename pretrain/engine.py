@@ -77,26 +77,45 @@ def build_optimizer(module: nn.Module, optim: OptimConfig, total_steps: int):
     return optimizer, schedule
 
 
-def deepspeed_config(config: RunConfig, world_size: int, runtime: Runtime) -> dict:
-    micro, remainder = divmod(config.train.batch_size, world_size)
-    if remainder:
-        raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by {world_size} processes")
+def micro_batch_size(batch_size: int, grad_accum: int, world_size: int) -> int:
+    """Per-process micro batch so that micro x grad_accum x world_size = the global ``batch_size``."""
+    micro, remainder = divmod(batch_size, grad_accum * world_size)
+    if remainder or micro == 0:
+        raise ValueError(
+            f"train.batch_size={batch_size} is not divisible by train.grad_accum={grad_accum} x {world_size} "
+            "processes: the global batch must split into equal micro batches"
+        )
+    return micro
+
+
+def deepspeed_config(config: RunConfig, world_size: int, runtime: Runtime, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON config, derived from ours. Every knob with a DeepSpeed default that differs
+    from ours is set explicitly (``gradient_clipping`` defaults to 1.0 there; ours may be 0 = off).
+    ``load_universal`` reads a universal checkpoint (resume at another world size)."""
+    micro = micro_batch_size(config.train.batch_size, config.train.grad_accum, world_size)
     return {
         "train_batch_size": config.train.batch_size,
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": config.train.grad_accum,
         "gradient_clipping": config.optim.grad_clip,
         "zero_optimization": {"stage": config.deepspeed.zero_stage},
         "bf16": {"enabled": runtime.bf16},
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
-def initialize_engine(module: nn.Module, config: RunConfig, dist_env: DistEnv, runtime: Runtime):
+def default_extensions_dir() -> str:
+    """Where DeepSpeed's JIT-compiled ops (the CPU shm op, ~47 s to build) are cached: beside the
+    interpreter, so every run and every launched process of this environment reuses them."""
+    return str(Path(sys.prefix) / "torch_extensions")
+
+
+def initialize_engine(module: nn.Module, config: RunConfig, dist_env: DistEnv, runtime: Runtime,
+                      load_universal: bool = False):
     """Start torch.distributed (gloo/NCCL) and wrap ``module`` in a DeepSpeed engine."""
-    # DeepSpeed JIT-compiles a shared-memory op on first use on CPU: cache it beside the interpreter.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
     import deepspeed  # noqa: PLC0415 - heavy import, only for training
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -108,6 +127,21 @@ def initialize_engine(module: nn.Module, config: RunConfig, dist_env: DistEnv, r
         model=module.to(runtime.device),
         optimizer=optimizer,
         lr_scheduler=schedule,
-        config=deepspeed_config(config, dist_env.world_size, runtime),
+        config=deepspeed_config(config, dist_env.world_size, runtime, load_universal),
     )
+    if config.deepspeed.zero_stage == 3:
+        register_external_parameters(module)
     return engine
+
+
+def register_external_parameters(objective: nn.Module) -> None:
+    """ZeRO-3 materialises a module's own parameters only while *that* module's forward runs. The
+    UNet's null context is also read by the objective (CFG dropout swaps caption states for it before
+    the UNet runs), so it is registered as an external parameter of the objective. Without this it
+    only works while the tensor happens to be whole (small parameters stay whole until a checkpoint
+    load re-partitions them: measured, the first backward after a ZeRO-3 resume failed)."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter  # noqa: PLC0415
+
+    unet = getattr(getattr(objective, "model", None), "unet", None)
+    if unet is not None:
+        register_external_parameter(objective, unet.null_context)

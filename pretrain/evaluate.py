@@ -32,9 +32,12 @@ class LoadedCheckpoint:
     path: Path
 
 
+EMA_FOLDER = "model-ema"
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory → its newest complete checkpoint; a checkpoint directory → itself if complete;
-    an exported folder (``model/`` + ``config.yaml``, no marker) → itself."""
+    an exported folder (``model/`` + ``config.yaml``, or ``diffdis export``'s flat folder) → itself."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: give a run directory or a checkpoint directory")
@@ -43,6 +46,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if found is None:
             raise FileNotFoundError(f"{path / 'checkpoints'} holds no complete checkpoint (none has a {COMPLETE} marker)")
         return found
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path  # diffdis export's folder
     if step_of(path) is not None and not is_complete(path):
         raise FileNotFoundError(f"{path} has no {COMPLETE} marker: the save was interrupted, use an earlier checkpoint")
     if not (path / "model" / "config.json").is_file():
@@ -50,13 +55,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+def model_folder(directory: Path, use_ema: bool = True) -> Path:
+    """The inference weights of a checkpoint: its EMA folder when the run kept one (and ``use_ema``),
+    else the trained weights; an exported folder is its own model folder."""
+    if (directory / "model.safetensors").is_file():
+        return directory
+    if use_ema and (directory / EMA_FOLDER / "config.json").is_file():
+        return directory / EMA_FOLDER
+    return directory / "model"
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedCheckpoint:
     directory = resolve_checkpoint(path)
     config_file = directory / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing from checkpoint {directory}")
-    model = DiffDisModel.from_pretrained(directory / "model", map_location=device).eval()
-    tokenizer = load_tokenizer(directory / "model" / "tokenizer")
+    folder = model_folder(directory, use_ema)
+    model = DiffDisModel.from_pretrained(folder, map_location=device).eval()
+    tokenizer = load_tokenizer(folder / "tokenizer")
     return LoadedCheckpoint(model, tokenizer, load_config(RunConfig, config_file), step_of(directory), directory)
 
 

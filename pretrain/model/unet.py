@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
@@ -51,6 +52,9 @@ class DualStreamUNet(nn.Module):
         self.config = config
         self.generation = generation
         self.discrimination = discrimination
+        # Set by the trainer (train.activation_checkpointing): recompute each block in backward instead
+        # of keeping its activations. A training-memory switch, so it is not part of the saved config.
+        self.gradient_checkpointing = False
         widths = config.block_channels
         temb_dim = 4 * widths[0]
         text_dim = query_dim if discrimination else None
@@ -109,6 +113,13 @@ class DualStreamUNet(nn.Module):
             self.norm_out = nn.GroupNorm(config.norm_groups, widths[0], eps=1e-6)
             self.conv_out = nn.Conv2d(widths[0], latent_channels, kernel_size=3, padding=1)
 
+    def _block(self, block: nn.Module, *args):
+        """Run one ResBlock / fusion block, under activation checkpointing when it is switched on.
+        Non-reentrant checkpointing handles the None arguments and tuple outputs of fusion blocks."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def _context(self, context: torch.Tensor | None, batch: int) -> torch.Tensor:
         return self.null_context.expand(batch, -1, -1) if context is None else context
 
@@ -149,17 +160,17 @@ class DualStreamUNet(nn.Module):
         skips = [hidden]
         for level in self.down_levels:
             for resnet, fusion, has_fusion in zip(level.resnets, level.fusions, level.has_fusion):
-                hidden = resnet(hidden, temb)
+                hidden = self._block(resnet, hidden, temb)
                 if has_fusion:
-                    hidden, hidden_text = fusion(hidden, context, text_base, hidden_text)
+                    hidden, hidden_text = self._block(fusion, hidden, context, text_base, hidden_text)
                 skips.append(hidden)
             if level.resample is not None:
                 hidden = level.resample(hidden)
                 skips.append(hidden)
 
-        hidden = self.mid_resnet_in(hidden, temb)
-        hidden, hidden_text = self.mid_fusion(hidden, context, text_base, hidden_text)
-        hidden = self.mid_resnet_out(hidden, temb)
+        hidden = self._block(self.mid_resnet_in, hidden, temb)
+        hidden, hidden_text = self._block(self.mid_fusion, hidden, context, text_base, hidden_text)
+        hidden = self._block(self.mid_resnet_out, hidden, temb)
 
         query_pred = None if query is None else self.head(hidden, text_base, hidden_text)
         if not run_decoder:
@@ -169,9 +180,9 @@ class DualStreamUNet(nn.Module):
 
         for level in self.up_levels:
             for resnet, fusion, has_fusion in zip(level.resnets, level.fusions, level.has_fusion):
-                hidden = resnet(torch.cat([hidden, skips.pop()], dim=1), temb)
+                hidden = self._block(resnet, torch.cat([hidden, skips.pop()], dim=1), temb)
                 if has_fusion:
-                    hidden, _ = fusion(hidden, context)
+                    hidden, _ = self._block(fusion, hidden, context)
             if level.resample is not None:
                 hidden = level.resample(hidden)
         noise_pred = self.conv_out(nn.functional.silu(self.norm_out(hidden)))

@@ -1,0 +1,40 @@
+"""Training metrics out: ``RUN/metrics.jsonl`` (one JSON object per line, for scripts) and TensorBoard
+scalars under ``RUN/tensorboard`` (for people). Rank 0 only; other ranks' records are dropped."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class Monitor:
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.metrics_file = run_dir / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - imports tensorboard
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        """Append ``record`` (must hold ``step``) to metrics.jsonl and write its numbers as scalars
+        ``train/<name>``."""
+        if not self.enabled:
+            return
+        with self.metrics_file.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        step = int(record["step"])
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(f"train/{name}", value, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
