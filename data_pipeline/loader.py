@@ -300,6 +300,11 @@ class ShardStream:
                 "done": sorted(self.done), "finished": list(self.finished_ranks), "layout": self._layout(),
                 "last_worker": self.last_worker, "samples": self.samples}
 
+    def merge_states(self, rank_states: Sequence[dict]) -> dict:
+        """The trainer's world-size-change hook (``pretrain.checkpoint.reshard``): one position any
+        rank of the new world can load, from every saved rank's position (see :func:`merge_states`)."""
+        return merge_states(rank_states)
+
     def load_state_dict(self, state: dict) -> None:
         mode = "resampled" if self.resampled else "epoch"
         if state.get("mode") != mode:

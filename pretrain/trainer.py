@@ -23,18 +23,17 @@ from tqdm import tqdm
 
 from cluster.env import read_dist_env
 from cluster.preemption import PreemptionWatcher
-from data_pipeline.dataset import collate_images
 from pretrain.checkpoint import Checkpointer, RNGState, read_marker
 from pretrain.checkpoint_store import CheckpointStore
 from pretrain.config import RunConfig
 from pretrain.config_io import dump_yaml
-from pretrain.data import make_train_stream, prepare_tokenizer
+from pretrain.data import make_batch, make_train_stream, prepare_tokenizer
 from pretrain.diffusion import DiffDisObjective
 from pretrain.ema import EMA, full_state_dict
 from pretrain.engine import detect_runtime, initialize_engine, micro_batch_size
 from pretrain.model import DiffDisModel, TokenizerSpec
 from pretrain.model.diffdis import WEIGHTS_NAME
-from pretrain.model.tokenizer import special_token_ids, tokenize
+from pretrain.model.tokenizer import special_token_ids
 from pretrain.monitor import Monitor
 
 log = logging.getLogger("diffdis.train")
@@ -127,8 +126,6 @@ class Trainer:
 
     # -- overridable pieces ------------------------------------------------------------------------
     def next_batch(self) -> dict[str, torch.Tensor]:
-        from pretrain.data import make_batch  # noqa: PLC0415 - lead: move to the module imports at merge
-
         return make_batch([next(self.batches) for _ in range(self.micro_batch)], self.tokenizer, self.config, self.runtime)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
