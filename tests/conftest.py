@@ -65,3 +65,24 @@ def s3_endpoint(monkeypatch):
     yield endpoint
     endpoint.reset()
     endpoint.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (``ray.init`` costs seconds); ``run_pipeline`` and
+    ``precompute_features`` reuse a running Ray instead of starting their own."""
+    import os  # noqa: PLC0415
+
+    import ray  # noqa: PLC0415
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    started = not ray.is_initialized()
+    if started:
+        # workers import this checkout's packages even when it is not the installed one
+        env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": env} if env else None)
+    yield ray
+    if started:
+        ray.shutdown()

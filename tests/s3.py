@@ -39,7 +39,9 @@ class S3Endpoint:
         }
 
     def create_bucket(self) -> None:
-        s3fs.S3FileSystem.clear_instance_cache()  # fsspec would reuse a filesystem bound to an old port
+        """Start from an empty store (another module's server may have left buckets in moto's
+        process-wide state), then make the test bucket."""
+        self.reset()
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
         fs.mkdir(self.bucket)
 

@@ -85,6 +85,7 @@ def s3_server():
     os.environ.update(endpoint.environment())
     endpoint.create_bucket()
     yield endpoint
+    endpoint.reset()
     endpoint.stop()
     for key, value in saved.items():
         if value is None:

@@ -25,21 +25,6 @@ from tests.shard_helpers import ImageServer, corrupt_jpeg, huge_png, jpeg, read_
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session (``ray.init`` costs seconds); run_pipeline reuses it."""
-    import ray  # noqa: PLC0415
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 @pytest.fixture
 def s3(s3_endpoint):
     """The moto endpoint plus a fresh s3fs (fsspec caches filesystems across endpoints otherwise)."""

@@ -29,13 +29,8 @@ KL = ["model.autoencoder.kind=kl", "model.autoencoder.block_out_channels=[32,32]
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray  # noqa: PLC0415
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
-    yield ray
-    ray.shutdown()
+def ray_session(ray_local):
+    return ray_local
 
 
 @pytest.fixture(scope="module")
