@@ -43,8 +43,13 @@ class SourceConfig:
     download_retries: int = 2  # extra attempts after the first, for timeouts, connection errors, 5xx
     split_seed: int = 0  # digits: which samples are held out (as in data_pipeline.digits)
     caption_seed: int = 0  # digits: the template per sample is drawn from (caption_seed, sample index)
+    # digits: each image appears this many times, each time with another training template (what the
+    # in-memory stream does by drawing a template per epoch); 1 = one fixed caption per image
+    captions_per_image: int = 1
 
     def validate(self) -> None:
+        if self.captions_per_image < 1:
+            raise ValueError(f"captions_per_image={self.captions_per_image} must be >= 1")
         if self.download_timeout <= 0:
             raise ValueError(f"download_timeout={self.download_timeout} must be > 0 (seconds)")
         if self.download_retries < 0:

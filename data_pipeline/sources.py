@@ -210,30 +210,39 @@ def _digits_split(split: str, image_size: int, split_seed: int):
 
 @dataclass
 class DigitsLoader(ItemLoader):
-    """Items are positions in the split. The caption template is drawn from
-    ``default_rng([caption_seed, original index])``: fixed per sample, varied across samples."""
+    """Item ``j`` is image ``j % N`` of the split (N images) with caption variant ``j // N``, so the
+    split is repeated ``captions_per_image`` times, every copy in the same image order (a shard never
+    holds two captions of one image, which would be false negatives in one contrastive batch).
+    Variant 0's template is drawn from ``default_rng([caption_seed, original index])``; variant v
+    takes the v-th next template, so an image's copies all have different captions."""
 
     split: str
     image_size: int
     split_seed: int
     caption_seed: int
+    images: int = 0  # N, the split's size (0: captions_per_image is 1 and items are positions)
 
-    def _sample(self, position: int):
+    def _sample(self, item: int):
         data = _digits_split(self.split, self.image_size, self.split_seed)
+        position = item % len(data) if self.images else item
         return data.keys[position], int(data.labels[position]), data.images[position]
 
     def caption(self, item) -> str:
-        from data_pipeline.dataset import random_train_caption  # noqa: PLC0415
+        from data_pipeline.digits import TRAIN_TEMPLATES, caption_for  # noqa: PLC0415
 
         key, label, _ = self._sample(item)
         index = int(key.rsplit("-", 1)[1])
-        return random_train_caption(label, np.random.default_rng([self.caption_seed, index]))
+        first = int(np.random.default_rng([self.caption_seed, index]).integers(len(TRAIN_TEMPLATES)))
+        variant = item // self.images if self.images else 0
+        return caption_for(label, (first + variant) % len(TRAIN_TEMPLATES))
 
     def fetch(self, item, caption: str) -> RawSample:
         from PIL import Image  # noqa: PLC0415
 
         key, label, pixels = self._sample(item)
         meta = {"source": "digits", "split": self.split, "original_key": key, "label": label}
+        if self.images:
+            meta["caption_variant"] = item // self.images
         return RawSample(caption=caption, meta=meta, image=Image.fromarray(pixels, mode="RGB"))
 
 
@@ -308,8 +317,10 @@ def _open_digits(config: SourceConfig, image_size: int) -> Source:
     if split not in ("train", "heldout"):
         raise SourceError(f"source.path={config.path!r}: digits split must be 'train' or 'heldout'")
     data = _digits_split(split, image_size, config.split_seed)
-    loader = DigitsLoader(split, image_size, config.split_seed, config.caption_seed)
-    return Source("digits", f"digits {split} split ({len(data)} images, {image_size}px)", list(range(len(data))), loader)
+    copies = config.captions_per_image
+    loader = DigitsLoader(split, image_size, config.split_seed, config.caption_seed, len(data) if copies > 1 else 0)
+    described = f"digits {split} split ({len(data)} images, {image_size}px" + (f", {copies} captions each)" if copies > 1 else ")")
+    return Source("digits", described, list(range(len(data) * copies)), loader)
 
 
 def _open_folder(path: str, options: dict) -> Source:

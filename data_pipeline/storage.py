@@ -72,23 +72,29 @@ def write_whole(url: str, data: bytes, storage_options: dict[str, Any] | None = 
     """Write ``data`` so that ``url`` is either absent/old or complete, never partial."""
     fs, path = filesystem(url, storage_options)
     try:
-        if is_local(fs):
-            parent = os.path.dirname(path)
-            os.makedirs(parent, exist_ok=True)
-            temporary = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-            try:
-                with open(temporary, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(temporary, path)
-            finally:
-                if os.path.exists(temporary):
-                    os.remove(temporary)
-        else:
-            fs.pipe_file(path, data)
+        write_whole_to(fs, path, data)
     except Exception as error:  # noqa: BLE001 - re-raised with the URL named
         raise StorageError(f"could not write {url}: {type(error).__name__}: {error}") from error
+
+
+def write_whole_to(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """:func:`write_whole` on an open filesystem: temp file + fsync + rename locally (the temp name
+    starts with a dot, so listings skip it), one whole-object put elsewhere."""
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    temporary = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:

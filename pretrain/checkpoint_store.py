@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.storage import filesystem, is_local
+from data_pipeline.storage import filesystem, is_local, write_whole_to
 
 TAG_PATTERN = re.compile(r"^step-(\d{9})$")
 COMPLETE = "COMPLETE"
@@ -87,17 +87,7 @@ class CheckpointStore:
     # -- writes ------------------------------------------------------------------------------------
     def write_text(self, text: str, *parts: str) -> None:
         """Whole-object write: temp + rename locally, one PUT on object stores."""
-        path = self.path(*parts)
-        if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            temporary = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(temporary, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        else:
-            self.fs.pipe_file(path, text.encode())
+        write_whole_to(self.fs, self.path(*parts), text.encode())
 
     def put(self, source: Path, *parts: str) -> None:
         """Move (local: a rename when on the same filesystem) or upload ``source`` to ``parts``."""

@@ -115,3 +115,19 @@ def test_digits_source_fixed_captions_and_labels():
     other_seed = open_source(SourceConfig(path="digits:heldout", caption_seed=2), 8)
     assert [_load(other_seed, i).caption for i in range(20)] != [r.caption for r in raws]
     assert raws[0].image.size == (8, 8)
+
+
+def test_digits_captions_per_image_repeats_the_split_with_distinct_captions():
+    copies = 3
+    source = open_source(SourceConfig(path="digits:heldout", captions_per_image=copies), 8)
+    single = open_source(SourceConfig(path="digits:heldout"), 8)
+    n = len(single)
+    assert len(source) == copies * n
+    for position in (0, 7, n - 1):
+        raws = [_load(source, position + v * n) for v in range(copies)]
+        assert len({r.meta["original_key"] for r in raws}) == 1  # the same image ...
+        assert len({r.caption for r in raws}) == copies  # ... with a different caption each time
+        assert [r.meta["caption_variant"] for r in raws] == list(range(copies))
+        assert raws[0].caption == _load(single, position).caption  # variant 0 is the one-caption shard's
+    # consecutive items (one shard) are distinct images, never two captions of one image
+    assert len({_load(source, i).meta["original_key"] for i in range(n, n + 20)}) == 20
