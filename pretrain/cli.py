@@ -174,11 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=cmd_sample)
 
-    demo = sub.add_parser("demo", help="shard-free end-to-end demo on built-in digits (CPU, minutes)",
+    demo = sub.add_parser("demo", help="end-to-end demo on built-in digits: shard, train, evaluate (CPU, minutes)",
                           formatter_class=fmt, epilog=EPILOG_OVERRIDES,
-                          description="Train on scikit-learn's bundled digits with configs/demo.yaml, then evaluate "
+                          description="Shard scikit-learn's bundled digits into OUT/shards (Ray pipeline, "
+                          "configs/data/digits.yaml), train configs/demo.yaml from the shards, then evaluate "
                           "zero-shot classification and retrieval on held-out digits and write a sample grid and "
-                          "a loss plot. Prints the paths and, as the last line, one JSON summary.")
+                          "a loss plot. Rerunning with the same --out reuses the shards and resumes training. "
+                          "Prints the paths and, as the last line, one JSON summary.")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output directory (default outputs/demo)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     demo.set_defaults(func=cmd_demo)
