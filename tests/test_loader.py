@@ -156,6 +156,21 @@ def test_world_size_change_restores_exactly_the_rest_of_the_epoch(dataset, worke
     assert sorted(consumed + more + halves[0] + halves[1]) == sorted(keys)
 
 
+def test_trainer_reshard_hook_resumes_shard_positions_at_another_world_size(dataset):
+    """The trainer's world-size-change path (pretrain.checkpoint.reshard) finds the stream's
+    merge_states method: 2 saved rank positions load into a 1-rank stream and yield the rest."""
+    from pretrain.checkpoint import reshard  # noqa: PLC0415
+
+    directory, keys = dataset
+    ranks = [ShardStream(directory, seed=3, rank=r, world_size=2, shuffle_buffer=3) for r in range(2)]
+    consumed = take(ranks[0], 5) + take(ranks[1], 5)
+    saved = [roundtrip(r.state_dict()) for r in ranks]
+    single = ShardStream(directory, seed=3, rank=0, world_size=1, shuffle_buffer=3)
+    single.load_state_dict(reshard("data", single, saved, 0, 1))
+    rest = rest_of_epoch(single)
+    assert sorted(consumed + rest) == sorted(keys) and len(rest) == len(keys) - 10
+
+
 def test_merge_counts_ranks_ahead_by_an_epoch_as_done(dataset):
     directory, keys = dataset
     ranks = [ShardStream(directory, seed=1, rank=r, world_size=2, shuffle_buffer=0) for r in range(2)]
