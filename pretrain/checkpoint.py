@@ -245,16 +245,18 @@ class Checkpointer:
         state_dir.mkdir(parents=True, exist_ok=True)
         state = {name: obj.state_dict() for name, obj in self.stateful.items()}
         (state_dir / f"rank-{self.rank:05d}.json").write_text(json.dumps(state))
-        if write_extras is not None:
-            write_extras(stage_dir)
-        files = sorted(str(p.relative_to(stage_dir)) for p in stage_dir.rglob("*") if p.is_file())
+        # write_extras may return a function that finishes its writes (from CPU snapshots it took):
+        # async mode runs it in the background thread, before the files are listed and moved
+        finish = write_extras(stage_dir) if write_extras is not None else None
         if self.async_save:
             self._pending_error = None
-            self._pending = threading.Thread(target=self._persist_in_background, args=(tag, step, stage_dir, files),
+            self._pending = threading.Thread(target=self._persist_in_background, args=(tag, step, stage_dir, finish),
                                              name=f"checkpoint-{tag}")
             self._pending.start()
         else:
-            manifests = self._all_gather(self._persist(tag, stage_dir, files))
+            if callable(finish):
+                finish()
+            manifests = self._all_gather(self._persist(tag, stage_dir, staged_files(stage_dir)))
             if self.rank == 0:
                 self._finalize(tag, step, manifests)
             self._barrier()
@@ -272,12 +274,14 @@ class Checkpointer:
         shutil.rmtree(stage_dir, ignore_errors=True)
         return manifest
 
-    def _persist_in_background(self, tag: str, step: int, stage_dir: Path, files: list[str]) -> None:
+    def _persist_in_background(self, tag: str, step: int, stage_dir: Path, finish=None) -> None:
         """Async mode, one thread per rank. No torch.distributed here (collectives from a second
         thread would interleave with training's): ranks report through ``.done/rank-R.json`` files in
         the checkpoint itself, which rank 0 waits for before writing COMPLETE."""
         try:
-            manifest = self._persist(tag, stage_dir, files)
+            if callable(finish):
+                finish()
+            manifest = self._persist(tag, stage_dir, staged_files(stage_dir))
             self.store.write_text(json.dumps(manifest), tag, DONE_DIR, f"rank-{self.rank:05d}.json")
             if self.rank == 0:
                 deadline = time.monotonic() + ASYNC_DONE_TIMEOUT_S
@@ -427,6 +431,11 @@ class Checkpointer:
         if not done.is_file():
             raise CheckpointError(f"{root / tag} was not converted (is {root} on a filesystem every node sees?)")
         return root
+
+
+def staged_files(stage_dir: Path) -> list[str]:
+    """Every file under a rank's staged checkpoint, relative to it, sorted."""
+    return sorted(str(p.relative_to(stage_dir)) for p in stage_dir.rglob("*") if p.is_file())
 
 
 def reshard(name: str, obj, rank_states: list[dict], new_rank: int, new_world: int) -> dict:

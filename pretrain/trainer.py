@@ -152,18 +152,27 @@ class Trainer:
             self.ema.update()
         return totals, waited
 
-    def save_extras(self, directory: Path) -> None:
+    def save_extras(self, directory: Path):
         """Inside every checkpoint: inference weights (safetensors; the EMA weights beside them) and
-        the resolved config. Every rank calls it (ZeRO-3 weights are gathered); rank 0 writes."""
-        weights = full_state_dict(self.model, keep=self.dist.is_main)
+        the resolved config. Every rank calls it (ZeRO-3 weights are gathered, a collective); it takes
+        CPU snapshots now and returns the function that writes them (rank 0; None elsewhere), which
+        the checkpointer runs in its background thread in async mode, so training is not blocked by
+        the safetensors writes."""
+        weights = full_state_dict(self.model, keep=self.dist.is_main)  # CPU copies
         if not self.dist.is_main:
-            return
-        self.model.save_pretrained(directory / "model", state_dict=weights)
-        self.tokenizer.save_pretrained(str(directory / "model" / "tokenizer"))
-        if self.ema is not None:
-            self.model.save_pretrained(directory / EMA_FOLDER, state_dict=self.ema.weights(weights))
-            self.tokenizer.save_pretrained(str(directory / EMA_FOLDER / "tokenizer"))
-        dump_yaml(self.config, directory / "config.yaml")
+            return None
+        ema_weights = None
+        if self.ema is not None:  # clone: the shadow keeps changing in place while the thread writes
+            ema_weights = {k: v.clone() for k, v in self.ema.weights(weights).items()}
+        def write() -> None:
+            self.model.save_pretrained(directory / "model", state_dict=weights)
+            self.tokenizer.save_pretrained(str(directory / "model" / "tokenizer"))
+            if ema_weights is not None:
+                self.model.save_pretrained(directory / EMA_FOLDER, state_dict=ema_weights)
+                self.tokenizer.save_pretrained(str(directory / EMA_FOLDER / "tokenizer"))
+            dump_yaml(self.config, directory / "config.yaml")
+
+        return write
 
     def log_metrics(self, record: dict) -> None:
         self.monitor.log(record)
