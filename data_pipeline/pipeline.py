@@ -19,7 +19,6 @@ How the pieces keep the output a pure function of (inputs, content config):
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_pipeline.manifest import Manifest, ShardEntry, manifest_url, write_manifest
+from data_pipeline.ray_runtime import start_ray
 from data_pipeline.shard_config import ShardConfig, content_dict, fingerprint
 from data_pipeline.shard_writer import ShardStats, existing_shards, shard_name, write_shard
 from data_pipeline.sources import ItemLoader, Source, TableLoader, open_source
@@ -190,23 +190,6 @@ def build_manifest(stats: list[ShardStats], config: ShardConfig) -> Manifest:
     ordered.update({r: n for r, n in sorted(counts.items()) if r not in ordered and n})
     shards = [ShardEntry(s.name, s.samples, s.bytes, s.sha256) for s in stats if s.name is not None]
     return Manifest(shards=shards, counts=ordered, config=redact(content_dict(config)))
-
-
-def start_ray(ray_address: str | None, num_workers: int) -> bool:
-    """Join ``ray_address`` or start a local Ray; returns whether we started it (so we stop it)."""
-    import ray  # noqa: PLC0415
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray_address:
-        ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray >= 2.5x asks for a token otherwise
-        # address="local": never attach to some other `ray start` cluster found on this machine.
-        ray.init(address="local", num_cpus=num_workers or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
-    return True
 
 
 _remote_process_unit = None

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -32,6 +31,7 @@ import torch
 import webdataset as wds
 
 from data_pipeline.manifest import Manifest, ShardEntry, write_manifest
+from data_pipeline.ray_runtime import start_ray
 from data_pipeline.storage import join, redact, write_whole
 from data_pipeline.wds_io import ShardRead, ShardRef, decode_sample, raw_samples, resolve_shards
 
@@ -114,16 +114,6 @@ def encode_shard(ref: ShardRef, output_dir: str, factory: EncoderFactory, image_
     return result
 
 
-def _ray(num_cpus: int | None):
-    import ray  # noqa: PLC0415 - Ray only where it is used
-
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
-    return ray
-
-
 def precompute_features(
     input_spec: str,
     output_dir: str,
@@ -138,12 +128,25 @@ def precompute_features(
 ) -> Manifest:
     """Encode every shard of ``input_spec`` into ``output_dir`` (one Ray task each) and write the
     manifest last. ``description`` (e.g. the autoencoder config) is recorded, redacted, in the manifest."""
-    from tqdm import tqdm  # noqa: PLC0415
-
     shard_set = resolve_shards(input_spec, storage_options)
     if shard_set.kind == "features":
         raise ValueError(f"{input_spec}: these are feature shards already (manifest kind 'features')")
-    ray = _ray(num_cpus)
+    import ray  # noqa: PLC0415 - Ray only where it is used
+
+    we_started = start_ray(None, num_cpus)
+    try:
+        return _encode_all(ray, shard_set, input_spec, output_dir, factory, image_size, batch_size, storage_options,
+                           description, progress)
+    finally:
+        if we_started:
+            ray.shutdown()
+
+
+def _encode_all(ray, shard_set, input_spec: str, output_dir: str, factory: EncoderFactory, image_size: int,
+                batch_size: int, storage_options: dict | None, description: dict[str, Any] | None,
+                progress: bool) -> Manifest:
+    from tqdm import tqdm  # noqa: PLC0415
+
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus)(encode_shard)
     factory_ref = ray.put(factory)
