@@ -50,6 +50,8 @@ def test_generation_output_ignores_every_text_query_parameter(make_model, encode
 
 
 def test_alignment_output_depends_on_image_and_query(make_model):
+    """The query path starts closed (zero-initialised ``text_in``, the default) and opens by training:
+    at init ê_0 depends on the image only; once the projections are non-zero it depends on e_t too."""
     model = make_model()
     latents, timesteps = _inputs(model)
     query = torch.randn(4, 64)
@@ -60,7 +62,22 @@ def test_alignment_output_depends_on_image_and_query(make_model):
 
     base = predict(latents, query)
     assert (predict(latents + 0.5 * torch.randn_like(latents), query) - base).abs().max() > 1e-3
+    torch.testing.assert_close(predict(latents, torch.randn(4, 64)), base, rtol=0, atol=0)
+    text_in = [m.text_in for m in model.unet.modules() if hasattr(m, "text_in")]
+    assert len(text_in) == 3 and all(bool((layer.weight == 0).all()) for layer in text_in)  # 2 fusion blocks + head
+    with torch.no_grad():
+        for layer in text_in:
+            layer.weight.normal_(0, 0.02)
     assert (predict(latents, torch.randn(4, 64)) - base).abs().max() > 1e-3
+
+
+def test_random_init_of_the_query_path_is_a_config_switch(make_model):
+    from dataclasses import replace  # noqa: PLC0415
+
+    model = make_model()
+    random_init = make_model(unet=replace(model.config.unet, zero_init_query_in=False))
+    assert bool((model.unet.head.text_in.weight == 0).all())
+    assert random_init.unet.head.text_in.weight.abs().sum() > 0
 
 
 def test_baseline_architectures_drop_their_parts(make_model):

@@ -16,6 +16,19 @@ from torch import nn
 from pretrain.model.attention import MultiHeadAttention
 
 
+def query_projection(text_dim: int, channels: int, zero_init: bool) -> nn.Linear:
+    """FC from the text width (e_t + Emb(t_e) + h_e) to a block's channel width.
+
+    With ``zero_init`` the weight starts at zero (the bias keeps its default init, so the text token
+    is a learned constant at step 0): the path from the noisy query into the network opens by
+    gradient, and the first gradients flow through the image tokens the text token attends to. With
+    a random init, e_t dominates ê_0 at init and the alignment task can collapse (design notes)."""
+    projection = nn.Linear(text_dim, channels)
+    if zero_init:
+        nn.init.zeros_(projection.weight)
+    return projection
+
+
 class JointLayer(nn.Module):
     """One of the K layers: joint self-attention, then per-stream paths.
 
@@ -67,6 +80,7 @@ class FusionBlock(nn.Module):
         head_dim: int,
         norm_groups: int,
         ff_mult: int,
+        zero_init_query_in: bool = False,
     ):
         super().__init__()
         with_text = text_dim is not None
@@ -77,7 +91,7 @@ class FusionBlock(nn.Module):
         )
         self.proj_out = nn.Linear(channels, channels)
         if with_text:
-            self.text_in = nn.Linear(text_dim, channels)
+            self.text_in = query_projection(text_dim, channels, zero_init_query_in)
             self.text_out = nn.Linear(channels, text_dim)
 
     def forward(
@@ -118,9 +132,11 @@ class DiscriminationHead(nn.Module):
     """M transformer layers over [text token; flattened middle features], then a linear predictor
     on the text token: the clean-query estimate ê_0 at text width."""
 
-    def __init__(self, channels: int, text_dim: int, depth: int, head_dim: int, ff_mult: int):
+    def __init__(
+        self, channels: int, text_dim: int, depth: int, head_dim: int, ff_mult: int, zero_init_query_in: bool = False
+    ):
         super().__init__()
-        self.text_in = nn.Linear(text_dim, channels)
+        self.text_in = query_projection(text_dim, channels, zero_init_query_in)
         self.layers = nn.ModuleList(HeadLayer(channels, head_dim, ff_mult) for _ in range(depth))
         self.norm_out = nn.LayerNorm(channels)
         self.predict = nn.Linear(channels, text_dim)

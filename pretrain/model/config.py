@@ -64,6 +64,11 @@ class UNetConfig:
     head_depth: int = 2
     norm_groups: int = 8
     ff_mult: int = 4
+    # Zero-initialise every projection of the noisy text query into the image stream (``text_in`` of
+    # the fusion blocks and the head; adaLN-Zero / ControlNet style). Without it, at init ê_0 depends
+    # almost only on e_t (it runs through the residual stream) and barely on the image, InfoNCE then
+    # pulls all queries to their mean and the run may never escape (docs/design-notes.md).
+    zero_init_query_in: bool = True
 
     def validate(self) -> None:
         if len(self.attention_levels) != len(self.block_channels):

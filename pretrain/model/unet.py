@@ -66,6 +66,7 @@ class DualStreamUNet(nn.Module):
             return FusionBlock(
                 channels, context_dim, text_dim if with_text else None,
                 config.transformer_depth, config.head_dim, config.norm_groups, config.ff_mult,
+                config.zero_init_query_in,
             )
 
         self.time_proj = Timesteps(widths[0], flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -98,7 +99,9 @@ class DualStreamUNet(nn.Module):
         if discrimination:
             self.query_time_proj = Timesteps(query_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
             self.query_time_embedding = TimestepEmbedding(query_dim, query_dim)
-            self.head = DiscriminationHead(cin, query_dim, config.head_depth, config.head_dim, config.ff_mult)
+            self.head = DiscriminationHead(
+                cin, query_dim, config.head_depth, config.head_dim, config.ff_mult, config.zero_init_query_in
+            )
 
         if generation:
             self.up_levels = nn.ModuleList()
