@@ -49,6 +49,13 @@ class LossConfig:
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     learn_temperature: bool = True
+    # Whether L_IG also trains the text encoder through the caption states c. Off (default): c is
+    # detached in the generation pass, so the text encoder is the contrastive one (as CLIP's is for
+    # Stable Diffusion) and the UNet learns to read it. With fixed image-caption pairs, L_IG otherwise
+    # rewards caption-specific text features and queries of unseen phrasings fall off their class
+    # (docs/design-notes.md, "Why L_IG does not train the text encoder"). A model without the
+    # alignment task (gen-only) always trains its text encoder through L_IG: it has nothing else.
+    text_grad_from_generation: bool = False
 
 
 def train_scheduler(config: DiffusionConfig) -> DDPMScheduler:
@@ -147,7 +154,9 @@ class DiffDisObjective(nn.Module):
         timesteps = self._random_timesteps(batch, latents.device)
         noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod)
         drop = drop_mask(batch, self.diffusion.cfg_dropout, latents.device)
-        context = self.model.unet.mask_context(text.condition, drop)
+        trains_text = self.loss_config.text_grad_from_generation or not self.has_alignment
+        condition = text.condition if trains_text else text.condition.detach()
+        context = self.model.unet.mask_context(condition, drop)
         return self.model(noisy, timesteps, context).noise_pred, noise
 
     def alignment_pass(self, latents: torch.Tensor, text: TextFeatures) -> torch.Tensor:
