@@ -1,7 +1,7 @@
 """The sample-stream interface the trainer consumes, and an in-memory implementation.
 
 The trainer only ever calls ``next(stream)`` and saves/restores ``state_dict()``, so the
-digits dataset and a shard-streaming loader are interchangeable behind
+built-in datasets (digits, scenes) and a shard-streaming loader are interchangeable behind
 ``ImageTextStream``. Everything random (epoch order, caption choice) is derived from
 seeds and the position, so a restored stream yields exactly the samples the saved one
 would have yielded: resuming a run does not repeat or skip data.
@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
+from data_pipeline import scenes
 from data_pipeline.digits import TRAIN_TEMPLATES, SplitName, caption_for, load_digits_split
 
 CaptionFn = Callable[[int, np.random.Generator], str]
@@ -150,6 +151,27 @@ def make_digits_stream(
     data = load_digits_split(split, image_size=image_size, split_seed=split_seed)
     return InMemoryImageTextStream(
         data.images, data.labels, data.keys, random_train_caption, seed, rank, world_size
+    )
+
+
+def random_scene_caption(label: int, rng: np.random.Generator) -> str:
+    """Caption of packed scene ``label`` from a uniformly chosen training template (the scenes ``caption_fn``)."""
+    return scenes.caption_for(label, int(rng.integers(len(scenes.TRAIN_TEMPLATES))))
+
+
+def make_scenes_stream(
+    split: SplitName,
+    image_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    split_seed: int = 0,
+    num_samples: int | None = None,
+) -> InMemoryImageTextStream:
+    """Stream over a scenes split; each sample's training template is drawn from (seed, epoch, index)."""
+    data = scenes.load_scenes_split(split, image_size=image_size, num_samples=num_samples, split_seed=split_seed)
+    return InMemoryImageTextStream(
+        data.images, data.labels, data.keys, random_scene_caption, seed, rank, world_size
     )
 
 

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-SourceKind = Literal["auto", "folder", "table", "shards", "digits"]
+SourceKind = Literal["auto", "folder", "table", "shards", "digits", "scenes"]
 ResizeMode = Literal["center_crop", "keep_ratio", "pad"]
 ImageFormat = Literal["jpg", "png", "webp"]
 
@@ -28,9 +28,11 @@ DEFAULT_MAX_PIXELS = 89_478_485
 
 @dataclass
 class SourceConfig:
-    """Where samples come from. ``path`` is a folder, a table file, shard URLs or ``digits[:split]``.
+    """Where samples come from. ``path`` is a folder, a table file, shard URLs, ``digits[:split]`` or
+    ``scenes[:split]``.
 
-    ``kind: auto`` decides from ``path``: ``digits``/``digits:heldout`` → digits; ``.csv``,
+    ``kind: auto`` decides from ``path``: ``digits``/``digits:heldout`` → digits, ``scenes``/
+    ``scenes:heldout`` → scenes (data_pipeline.scenes); ``.csv``,
     ``.parquet``, ``.jsonl`` → table; ``.tar`` files, brace patterns or a folder of tars →
     shards; any other folder → folder of images with ``.txt`` sidecar captions.
     """
@@ -41,13 +43,18 @@ class SourceConfig:
     caption_column: str = "caption"
     download_timeout: float = 10.0  # seconds, per HTTP attempt
     download_retries: int = 2  # extra attempts after the first, for timeouts, connection errors, 5xx
-    split_seed: int = 0  # digits: which samples are held out (as in data_pipeline.digits)
-    caption_seed: int = 0  # digits: the template per sample is drawn from (caption_seed, sample index)
-    # digits: each image appears this many times, each time with another training template (what the
-    # in-memory stream does by drawing a template per epoch); 1 = one fixed caption per image
+    # digits: which samples are held out; scenes: which attribute triples are held out, and each
+    # sample's position and jitter (train on scenes shards with the data.split_seed you evaluate with)
+    split_seed: int = 0
+    caption_seed: int = 0  # digits, scenes: the template per sample is drawn from (caption_seed, sample index)
+    # digits, scenes: each image appears this many times, each time with another training template (what
+    # the in-memory stream does by drawing a template per epoch); 1 = one fixed caption per image
     captions_per_image: int = 1
+    num_samples: int = 0  # scenes: images in the split (0: the split's default, scenes.DEFAULT_SAMPLES)
 
     def validate(self) -> None:
+        if self.num_samples < 0:
+            raise ValueError(f"num_samples={self.num_samples} must be >= 0 (0: the split's default)")
         if self.captions_per_image < 1:
             raise ValueError(f"captions_per_image={self.captions_per_image} must be >= 1")
         if self.download_timeout <= 0:
@@ -135,7 +142,16 @@ def content_dict(config: ShardConfig) -> dict[str, Any]:
     return record
 
 
+# Content fields added after shards were first made, with the value that reproduces the older output.
+# At that value they are left out of the fingerprint, so existing outputs still resume.
+_LATER_FIELDS: dict[tuple[str, str], Any] = {("source", "num_samples"): 0}
+
+
 def fingerprint(config: ShardConfig) -> str:
     """sha256 of the content sections: shards from different fingerprints must never be mixed."""
-    text = json.dumps(content_dict(config), sort_keys=True, separators=(",", ":"))
+    record = content_dict(config)
+    for (section, name), neutral in _LATER_FIELDS.items():
+        if record[section].get(name) == neutral:
+            del record[section][name]
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()

@@ -3,14 +3,15 @@
 A source is split in two so that Ray tasks stay light:
 
 - ``Source`` (driver side) lists every item once, in a fixed order (sorted paths, table row
-  order, shard order then member order, digits index order). Work unit ``i`` is items
+  order, shard order then member order, digits/scenes index order). Work unit ``i`` is items
   ``[i*S, (i+1)*S)``: shard ``i`` is therefore a pure function of the inputs and the config.
 - ``ItemLoader`` (worker side, picklable, small) turns one item into its caption and a
   ``RawSample``. Captions come first so caption filters can skip a download.
 
 Kinds: ``folder`` (images + same-stem ``.txt`` captions), ``table`` (CSV/TSV/Parquet/JSONL with
 url and caption columns, as img2dataset reads), ``shards`` (existing WebDataset tars, ours or
-img2dataset's: ``jpg|png|webp`` + ``txt`` + ``json``), ``digits`` (the bundled digits).
+img2dataset's: ``jpg|png|webp`` + ``txt`` + ``json``), ``digits`` (the bundled digits), ``scenes``
+(procedural captioned shapes, ``data_pipeline.scenes``).
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ class ShardLoader(ItemLoader):
             raise Rejected("failed_download", f"{shard_url}: sample {key!r} has no image member")
         original = self._json(item)
         meta: dict[str, Any] = {"source": "shards", "shard": shard_url, "original_key": key}
-        for name in ("url", "label"):
+        for name in ("url", "label", "shape", "colour", "size", "position"):
             if name in original:
                 meta[name] = original[name]
         return RawSample(caption=caption, meta=meta, data=members[image_key])
@@ -246,6 +247,53 @@ class DigitsLoader(ItemLoader):
         return RawSample(caption=caption, meta=meta, image=Image.fromarray(pixels, mode="RGB"))
 
 
+@lru_cache(maxsize=2)
+def _scenes_split(split: str, image_size: int, num_samples: int, split_seed: int):
+    from data_pipeline.scenes import load_scenes_split  # noqa: PLC0415
+
+    return load_scenes_split(split, image_size=image_size, num_samples=num_samples or None, split_seed=split_seed)
+
+
+@dataclass
+class ScenesLoader(ItemLoader):
+    """The scenes split as items, exactly as ``DigitsLoader`` does the digits: item ``j`` is image
+    ``j % N`` with caption variant ``j // N``; variant 0's training template is drawn from
+    ``default_rng([caption_seed, index])``, variant v takes the v-th next. The json carries the
+    attribute names (shape, colour, size, position) and the packed ``label``."""
+
+    split: str
+    image_size: int
+    num_samples: int
+    split_seed: int
+    caption_seed: int
+    images: int = 0  # N when captions_per_image > 1, else 0 (items are positions)
+
+    def _sample(self, item: int):
+        data = _scenes_split(self.split, self.image_size, self.num_samples, self.split_seed)
+        position = item % len(data) if self.images else item
+        return position, data.keys[position], int(data.labels[position]), data.images[position]
+
+    def caption(self, item) -> str:
+        from data_pipeline.scenes import TRAIN_TEMPLATES, caption_for  # noqa: PLC0415
+
+        position, _, label, _ = self._sample(item)
+        first = int(np.random.default_rng([self.caption_seed, position]).integers(len(TRAIN_TEMPLATES)))
+        variant = item // self.images if self.images else 0
+        return caption_for(label, (first + variant) % len(TRAIN_TEMPLATES))
+
+    def fetch(self, item, caption: str) -> RawSample:
+        from PIL import Image  # noqa: PLC0415
+
+        from data_pipeline.scenes import decode_label  # noqa: PLC0415
+
+        _, key, label, pixels = self._sample(item)
+        meta = {"source": "scenes", "split": self.split, "original_key": key, "label": label,
+                **decode_label(label).names()}
+        if self.images:
+            meta["caption_variant"] = item // self.images
+        return RawSample(caption=caption, meta=meta, image=Image.fromarray(pixels, mode="RGB"))
+
+
 # --------------------------------------------------------------------------------------------
 # Driver side: enumeration
 
@@ -275,9 +323,10 @@ def resolve_kind(config: SourceConfig, storage_options: dict | None = None) -> s
         return config.kind
     path = config.path
     if not path:
-        raise SourceError("source.path is empty: give a folder, a table file, shard URLs or 'digits'")
-    if path == "digits" or path.startswith("digits:"):
-        return "digits"
+        raise SourceError("source.path is empty: give a folder, a table file, shard URLs, 'digits' or 'scenes'")
+    for builtin in ("digits", "scenes"):
+        if path == builtin or path.startswith(f"{builtin}:"):
+            return builtin
     lowered = path.lower()
     if lowered.endswith(TABLE_EXTENSIONS):
         return "table"
@@ -288,7 +337,7 @@ def resolve_kind(config: SourceConfig, storage_options: dict | None = None) -> s
         raise FileNotFoundError(f"source path {path} does not exist")
     if not fs.isdir(inner):
         raise SourceError(f"source path {path}: cannot tell its kind from the name; set source.kind "
-                          "(folder, table, shards or digits)")
+                          "(folder, table, shards, digits or scenes)")
     names = [posixpath.basename(p) for p in fs.ls(inner, detail=False)]
     if "manifest.json" in names or any(n.endswith(".tar") for n in names):
         return "shards"
@@ -301,6 +350,8 @@ def open_source(config: SourceConfig, image_size: int, storage_options: dict | N
     kind = resolve_kind(config, options)
     if kind == "digits":
         return _open_digits(config, image_size)
+    if kind == "scenes":
+        return _open_scenes(config, image_size)
     if kind == "folder":
         return _open_folder(config.path, options)
     if kind == "table":
@@ -321,6 +372,18 @@ def _open_digits(config: SourceConfig, image_size: int) -> Source:
     loader = DigitsLoader(split, image_size, config.split_seed, config.caption_seed, len(data) if copies > 1 else 0)
     described = f"digits {split} split ({len(data)} images, {image_size}px" + (f", {copies} captions each)" if copies > 1 else ")")
     return Source("digits", described, list(range(len(data) * copies)), loader)
+
+
+def _open_scenes(config: SourceConfig, image_size: int) -> Source:
+    split = config.path.partition(":")[2] if config.path.startswith("scenes:") else "train"
+    if split not in ("train", "heldout"):
+        raise SourceError(f"source.path={config.path!r}: scenes split must be 'train' or 'heldout'")
+    data = _scenes_split(split, image_size, config.num_samples, config.split_seed)
+    copies = config.captions_per_image
+    loader = ScenesLoader(split, image_size, config.num_samples, config.split_seed, config.caption_seed,
+                          len(data) if copies > 1 else 0)
+    described = f"scenes {split} split ({len(data)} images, {image_size}px" + (f", {copies} captions each)" if copies > 1 else ")")
+    return Source("scenes", described, list(range(len(data) * copies)), loader)
 
 
 def _open_folder(path: str, options: dict) -> Source:

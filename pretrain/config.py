@@ -22,16 +22,24 @@ class DataConfig:
     """Where training pairs come from.
 
     ``digits``: scikit-learn's bundled digits, rendered at ``model.image_size`` with template captions;
-    a fixed held-out split by ``split_seed``. ``shards``: WebDataset shards (ours or img2dataset's) read
+    a fixed held-out split by ``split_seed``. ``scenes``: procedural captioned shapes
+    (``data_pipeline.scenes``) at ``model.image_size``; ``split_seed`` fixes the (shape, colour, size)
+    triples held out of training. ``shards``: WebDataset shards (ours or img2dataset's) read
     by ``data_pipeline.loader.ShardStream`` from ``shards`` (a manifest URL or directory, a glob, a
     brace pattern ``.../part-{000000..000009}.tar``; any fsspec URL, credentials from the environment).
     Images are resized/cropped to ``model.image_size``. ``precomputed``: the shards hold latents from
     ``diffdis precompute`` (the autoencoder is skipped in training).
+
+    ``eval_set`` is the held-out data ``diffdis eval`` scores: ``auto`` is scenes when ``source`` is
+    scenes, else digits; a run trained from scenes *shards* sets ``scenes`` (with the shards' split_seed).
     """
 
-    source: Literal["digits", "shards"] = "digits"
+    source: Literal["digits", "scenes", "shards"] = "digits"
+    eval_set: Literal["auto", "digits", "scenes"] = "auto"
     split_seed: int = 0
-    heldout_fraction: float = 0.2
+    heldout_fraction: float = 0.2  # digits
+    scenes_train_samples: int = 4160  # scenes: images in the in-memory train split (40 per train triple)
+    scenes_heldout_samples: int = 480  # scenes: held-out images scored by eval (20 per held-out triple)
     shards: str | None = None
     num_workers: int = 2  # DataLoader processes decoding shards (0: in the trainer's process)
     shuffle_buffer: int = 1000  # per-shard shuffle buffer (samples); 0 or 1 keeps tar order
@@ -47,6 +55,15 @@ class DataConfig:
         for name in ("num_workers", "shuffle_buffer", "tokenizer_captions"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be >= 0")
+        for name in ("scenes_train_samples", "scenes_heldout_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
+
+    def resolved_eval_set(self) -> str:
+        """``eval_set`` with ``auto`` resolved: scenes when training on scenes, else digits."""
+        if self.eval_set != "auto":
+            return self.eval_set
+        return "scenes" if self.source == "scenes" else "digits"
 
 
 @dataclass

@@ -2,7 +2,7 @@
 the batch a training step consumes.
 
 The stream implements ``data_pipeline.dataset.ImageTextStream`` (resumable position): the in-memory
-digits stream or the shard loader (``data_pipeline.loader.ShardStream``)."""
+digits or scenes stream, or the shard loader (``data_pipeline.loader.ShardStream``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from data_pipeline.dataset import ImageTextStream, collate_images, make_digits_stream
+from data_pipeline import scenes
+from data_pipeline.dataset import ImageTextStream, collate_images, make_digits_stream, make_scenes_stream
 from data_pipeline.digits import TRAIN_TEMPLATES, caption_for
 from data_pipeline.loader import ShardStream
 from data_pipeline.wds_io import read_captions
@@ -31,6 +32,11 @@ def make_train_stream(config: RunConfig, rank: int, world_size: int) -> ImageTex
             shuffle_buffer=data.shuffle_buffer, resampled=data.resampled,
             image_size=None if data.precomputed else config.model.image_size,
             expect="features" if data.precomputed else "pixels",
+        )
+    if data.source == "scenes":
+        return make_scenes_stream(
+            "train", config.model.image_size, seed=config.train.seed, rank=rank, world_size=world_size,
+            split_seed=data.split_seed, num_samples=data.scenes_train_samples,
         )
     return make_digits_stream(
         "train", config.model.image_size, seed=config.train.seed, rank=rank, world_size=world_size,
@@ -53,10 +59,12 @@ def make_batch(samples: Sequence[dict], tokenizer, config: RunConfig, runtime) -
 
 
 def training_captions(config: RunConfig) -> list[str]:
-    """The tokenizer's training corpus: every caption the digits source can produce, or the first
-    ``data.tokenizer_captions`` captions of the shards."""
+    """The tokenizer's training corpus: every caption the digits or scenes source can produce, or the
+    first ``data.tokenizer_captions`` captions of the shards."""
     if config.data.source == "shards":
         return read_captions(config.data.shards, config.data.tokenizer_captions)
+    if config.data.source == "scenes":
+        return scenes.all_training_captions(config.data.split_seed)
     return [caption_for(label, index) for label in range(10) for index in range(len(TRAIN_TEMPLATES))]
 
 

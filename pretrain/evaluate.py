@@ -13,12 +13,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_pipeline import scenes
 from data_pipeline.dataset import collate_images
 from data_pipeline.digits import TRAIN_TEMPLATES, caption_for, class_prompts, load_digits_split
 from pretrain.checkpoint import COMPLETE, is_complete, latest_complete, step_of
 from pretrain.config import RunConfig
 from pretrain.config_io import load_config
-from pretrain.inference import retrieval, sample_images, zero_shot_classify
+from pretrain.inference import class_queries, image_queries, retrieval, sample_images, topk_accuracy, zero_shot_classify
 from pretrain.model import DiffDisModel
 from pretrain.model.tokenizer import load_tokenizer
 
@@ -77,7 +78,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_em
 
 
 def heldout_data(config: RunConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Held-out images (pixels in [-1, 1]), labels, and one deterministic caption per image."""
+    """Held-out images (pixels in [-1, 1]), labels, and one deterministic caption per image, from the
+    run's ``data.eval_set``: held-out digits (labels are digits), or the scenes held-out split (labels
+    are packed attributes, ``data_pipeline.scenes.decode_label``; only held-out triples)."""
+    if config.data.resolved_eval_set() == "scenes":
+        data = scenes.load_scenes_split(
+            "heldout", image_size=config.model.image_size, num_samples=config.data.scenes_heldout_samples,
+            split_seed=config.data.split_seed,
+        )
+        pixels = collate_images([{"image": image} for image in data.images])
+        captions = [scenes.retrieval_caption(int(label), i) for i, label in enumerate(data.labels)]
+        return pixels, torch.tensor(data.labels), captions  # a copy: the cached split is read-only
     split = load_digits_split(
         "heldout", image_size=config.model.image_size, heldout_fraction=config.data.heldout_fraction,
         split_seed=config.data.split_seed,
@@ -87,20 +98,48 @@ def heldout_data(config: RunConfig) -> tuple[torch.Tensor, torch.Tensor, list[st
     return pixels, torch.as_tensor(split.labels), captions
 
 
+@torch.no_grad()
+def zero_shot_scenes(model, tokenizer, pixels: torch.Tensor, labels: torch.Tensor, diffusion, steps: int = 10,
+                     guidance: float = 0.0, seed: int = 0) -> dict[str, float]:
+    """Zero-shot shape, colour and size of scenes: one query chain per image (``image_queries``), scored
+    against each task's prompt ensembles (``scenes.class_prompts(task)``, eval templates only).
+
+    Keys: ``top1_{task}`` for every task, ``top5_{task}`` for tasks with more than 5 classes (shape,
+    colour; top-5 of size's 2 classes is always 1), and ``top1``/``top5`` as their means over those
+    tasks, so callers written for one-task digits keep working."""
+    queries = image_queries(model, pixels, diffusion, steps, guidance, seed=seed)
+    truth = scenes.task_labels(labels.tolist())
+    metrics: dict[str, float] = {}
+    for task in scenes.TASKS:
+        scores = queries @ class_queries(model, tokenizer, scenes.class_prompts(task)).T.to(queries.device)
+        target = torch.as_tensor(truth[task], device=scores.device)
+        metrics[f"top1_{task}"] = topk_accuracy(scores, target, 1)
+        if scores.shape[1] > 5:
+            metrics[f"top5_{task}"] = topk_accuracy(scores, target, 5)
+    for k in ("top1", "top5"):
+        values = [v for name, v in metrics.items() if name.startswith(f"{k}_")]
+        metrics[k] = sum(values) / len(values)
+    return {**metrics, "n": len(labels)}
+
+
 def evaluate(loaded: LoadedCheckpoint, task: str, steps: int | None = None, guidance: float | None = None) -> dict:
-    """One JSON-able dict of metrics for ``task`` ("zeroshot" or "retrieval") on held-out data."""
+    """One JSON-able dict of metrics for ``task`` ("zeroshot" or "retrieval") on the held-out data of
+    ``data.eval_set`` (digits: ``top1``/``top5``; scenes: per-task figures, :func:`zero_shot_scenes`)."""
     config = loaded.config
     steps = config.eval.ddim_steps if steps is None else steps
     guidance = config.eval.guidance if guidance is None else guidance
     pixels, labels, captions = heldout_data(config)
     common = dict(diffusion=config.diffusion, steps=steps, guidance=guidance, seed=config.eval.seed)
-    if task == "zeroshot":
+    eval_set = config.data.resolved_eval_set()
+    if task == "zeroshot" and eval_set == "scenes":
+        metrics = zero_shot_scenes(loaded.model, loaded.tokenizer, pixels, labels, **common)
+    elif task == "zeroshot":
         metrics = zero_shot_classify(loaded.model, loaded.tokenizer, pixels, labels, class_prompts(), **common)
     elif task == "retrieval":
         metrics = retrieval(loaded.model, loaded.tokenizer, pixels, captions, **common)
     else:
         raise ValueError(f"unknown eval task {task!r}: expected zeroshot or retrieval")
-    return {"task": task, **metrics, "ddim_steps": steps, "guidance": guidance, "checkpoint_step": loaded.step,
+    return {"task": task, "eval_set": eval_set, **metrics, "ddim_steps": steps, "guidance": guidance, "checkpoint_step": loaded.step,
             "checkpoint": str(loaded.path)}
 
 

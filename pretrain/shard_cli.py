@@ -1,4 +1,4 @@
-"""``diffdis shard``: a folder / URL table / shards / digits → WebDataset shards on any fsspec URL.
+"""``diffdis shard``: a folder / URL table / shards / digits / scenes → WebDataset shards on any fsspec URL.
 
 Lives beside the CLI rather than in ``data_pipeline`` because it loads YAML through
 ``pretrain.config_io``, and ``data_pipeline`` must not import ``pretrain`` (tests/test_boundaries.py).
@@ -26,6 +26,8 @@ SOURCE is one of
   shards           a .tar, a brace pattern 'data-{000000..000009}.tar', or a folder of tars
                    (ours or img2dataset's: jpg/txt/json keys) to re-filter / re-shard
   digits[:split]   the bundled scikit-learn digits ('train' or 'heldout'), label in each json
+  scenes[:split]   procedural captioned shapes ('train' or 'heldout': attribute triples never in
+                   train), shape/colour/size/position and packed label in each json
 OUTPUT_URL is a local path, file://... or s3://bucket/prefix.
 
 Shard i holds input items [i*N, (i+1)*N) that pass the filters, so the output is a pure function
@@ -42,6 +44,7 @@ bad_aspect, empty_caption, caption_length, duplicate, low_score.
 
 Examples:
   diffdis shard digits outputs/digits-shards --config configs/data/digits.yaml
+  diffdis shard scenes:train outputs/scenes-shards --config configs/data/scenes.yaml
   diffdis shard captions.parquet s3://bucket/laion-64 --size 64 --samples-per-shard 10000 \\
       --storage-options '{"endpoint_url": "http://minio:9000"}'
   diffdis shard photos/ out/ --dry-run
@@ -60,14 +63,14 @@ FLAG_FIELDS = {
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("shard", help="make WebDataset shards from a folder, URL table, shards or digits",
+    parser = subparsers.add_parser("shard", help="make WebDataset shards from a folder, URL table, shards, digits or scenes",
                                    description=DESCRIPTION, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", metavar="SOURCE", help="folder, table file, shard URL(s) or digits[:train|heldout]")
+    parser.add_argument("source", metavar="SOURCE", help="folder, table file, shard URL(s), digits[:train|heldout] or scenes[:train|heldout]")
     parser.add_argument("output", metavar="OUTPUT_URL", help="where shards go: path, file://... or s3://...")
     parser.add_argument("--config", help="ShardConfig YAML, e.g. configs/data/digits.yaml")
     group = parser.add_argument_group("source")
-    group.add_argument("--kind", choices=["auto", "folder", "table", "shards", "digits"],
+    group.add_argument("--kind", choices=["auto", "folder", "table", "shards", "digits", "scenes"],
                        help="source kind (default auto: decided from SOURCE)")
     group.add_argument("--url-column", help="table column holding URLs (default url)")
     group.add_argument("--caption-column", help="table column holding captions (default caption)")
