@@ -11,7 +11,7 @@ from pretrain.evaluate import evaluate, load_checkpoint
 from pretrain.trainer import Trainer
 
 pytestmark = pytest.mark.integration
-STEPS = 150
+STEPS = 200
 
 
 @pytest.mark.parametrize("seed", [0, 1])
