@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from pretrain.config_io import load_config
+from pretrain.diagnostics import HealthConfig
 from pretrain.diffusion import DiffusionConfig, LossConfig
 from pretrain.model.config import ModelConfig
 
@@ -131,6 +132,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+
+    def validate(self) -> None:
+        self.health.check_timesteps(self.diffusion.num_train_timesteps)
 
 
 PRESET_GROUPS = ("deepspeed",)  # ``deepspeed=zero2`` stands for the contents of configs/deepspeed/zero2.yaml

@@ -103,6 +103,32 @@ def drop_mask(batch: int, probability: float, device: torch.device) -> torch.Ten
     return torch.rand(batch, device=device) < probability
 
 
+def predict_clean_query(
+    model: DiffDisModel,
+    latents: torch.Tensor,
+    query: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    config: DiffusionConfig,
+    drop: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The alignment task's forward: ê_0 = Φ_θ(e_t, t_e, z) with e_t = add_noise(γ·s·e, noise, t_e).
+
+    The caption condition c is masked (null context), the image latent is clean (t_z = 0) and replaced
+    by the null latent (zeros) where ``drop`` is True. The noised input is built from a detached e: the
+    encoder learns e only through the loss's targets. One function for the training pass and the
+    health diagnostics (``pretrain.diagnostics``), so both see the same masking."""
+    batch = latents.shape[0]
+    clean = query_to_diffusion_space(query.detach(), config)
+    noisy = add_noise(clean, noise.to(clean.dtype), timesteps, alphas_cumprod)
+    image = latents
+    if drop is not None:
+        image = torch.where(drop.view(-1, *([1] * (latents.dim() - 1))), torch.zeros_like(latents), latents)
+    zero_t = torch.zeros(batch, dtype=torch.long, device=latents.device)
+    return model(image, zero_t, None, query=noisy, query_timesteps=timesteps, run_decoder=False).query_pred
+
+
 class DiffDisObjective(nn.Module):
     """The module the trainer optimises: runs both passes on a batch and returns the losses.
 
@@ -160,17 +186,14 @@ class DiffDisObjective(nn.Module):
         return self.model(noisy, timesteps, context).noise_pred, noise
 
     def alignment_pass(self, latents: torch.Tensor, text: TextFeatures) -> torch.Tensor:
-        """ê_0 from the noisy query at a random t_e. The caption condition c is masked (null context), the
-        image latent is clean (t_z = 0) and dropped to the null latent with probability cfg_dropout. The
-        noised input is built from a detached e: the encoder learns e only through the loss's targets."""
+        """ê_0 from the noisy query at a random t_e (:func:`predict_clean_query`), the image dropped to
+        the null latent with probability cfg_dropout."""
         batch = latents.shape[0]
-        clean = query_to_diffusion_space(text.query.detach(), self.diffusion)
         timesteps = self._query_timesteps(batch, latents.device)
-        noisy = add_noise(clean, torch.randn_like(clean), timesteps, self.alphas_cumprod)
-        drop = drop_mask(batch, self.diffusion.cfg_dropout, latents.device).view(-1, *([1] * (latents.dim() - 1)))
-        image = torch.where(drop, torch.zeros_like(latents), latents)
-        zero_t = torch.zeros(batch, dtype=torch.long, device=latents.device)
-        return self.model(image, zero_t, None, query=noisy, query_timesteps=timesteps, run_decoder=False).query_pred
+        noise = torch.randn_like(text.query)
+        drop = drop_mask(batch, self.diffusion.cfg_dropout, latents.device)
+        return predict_clean_query(self.model, latents, text.query, timesteps, noise, self.alphas_cumprod,
+                                   self.diffusion, drop)
 
     def forward(
         self,

@@ -1,5 +1,8 @@
 """Training metrics out: ``RUN/metrics.jsonl`` (one JSON object per line, for scripts) and TensorBoard
-scalars under ``RUN/tensorboard`` (for people). Rank 0 only; other ranks' records are dropped."""
+scalars under ``RUN/tensorboard`` (for people). Rank 0 only; other ranks' records are dropped.
+
+A name that already has a group (``health/query_spread``) keeps it, so the training-health numbers get
+their own ``health`` section on the dashboard; every other name goes under ``train/``."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ class Monitor:
 
     def log(self, record: dict) -> None:
         """Append ``record`` (must hold ``step``) to metrics.jsonl and write its numbers as scalars
-        ``train/<name>``."""
+        ``train/<name>`` (``<group>/<name>`` as given when the name has a group)."""
         if not self.enabled:
             return
         with self.metrics_file.open("a") as handle:
@@ -28,7 +31,7 @@ class Monitor:
         step = int(record["step"])
         for name, value in record.items():
             if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self.writer.add_scalar(f"train/{name}", value, step)
+                self.writer.add_scalar(name if "/" in name else f"train/{name}", value, step)
 
     def flush(self) -> None:
         if self.writer is not None:

@@ -28,6 +28,7 @@ from pretrain.checkpoint_store import CheckpointStore
 from pretrain.config import RunConfig
 from pretrain.config_io import dump_yaml
 from pretrain.data import make_batch, make_train_stream, prepare_tokenizer
+from pretrain.diagnostics import collapse_verdict, training_health
 from pretrain.diffusion import DiffDisObjective
 from pretrain.ema import EMA, full_state_dict
 from pretrain.engine import detect_runtime, initialize_engine, micro_batch_size
@@ -115,6 +116,8 @@ class Trainer:
         self.metrics_file = self.monitor.metrics_file
         self.preemption = PreemptionWatcher()
         self.preempted = False
+        self.last_batch: dict[str, torch.Tensor] | None = None  # the newest micro batch, for health_metrics
+        self.collapsed = False  # the last health verdict: warn once per collapse episode
 
     @property
     def model(self) -> DiffDisModel:
@@ -146,6 +149,7 @@ class Trainer:
             started = time.perf_counter()
             batch = self.next_batch()
             waited += time.perf_counter() - started
+            self.last_batch = batch
             for name, value in self.train_step(batch).items():
                 totals[name] = totals.get(name, 0.0) + value / self.config.train.grad_accum
         if self.ema is not None:
@@ -173,6 +177,32 @@ class Trainer:
             dump_yaml(self.config, directory / "config.yaml")
 
         return write
+
+    def health_metrics(self, step: int) -> dict[str, float]:
+        """Training-health diagnostics on the newest micro batch (``pretrain.diagnostics``; config
+        ``health``), for the log record: ``health/*`` numbers and ``health/collapsed`` (0/1). A WARNING
+        when a collapse starts, an INFO line when it ends. Every rank runs the forwards (ZeRO-3 gathers
+        parameters inside them); the numbers are each rank's own, rank 0's are logged. Random numbers
+        come from a generator seeded by the step, never the global RNG, so exact resume is unaffected."""
+        health = self.config.health
+        if (not health.enabled or self.last_batch is None or not self.engine.module.has_alignment
+                or (health.every is not None and step % health.every)):
+            return {}
+        batch = {k: v.to(self.runtime.device) for k, v in self.last_batch.items()}
+        generator = torch.Generator(device=self.runtime.device).manual_seed(self.config.train.seed * 1_000_003 + step)
+        with torch.no_grad():
+            latents = batch["latents"] if "latents" in batch else self.model.encode_images(batch["pixels"])
+            text = self.model.encode_text(batch["input_ids"], batch.get("attention_mask"))
+            metrics = training_health(self.model, latents, text, self.config.diffusion, health, generator,
+                                      self.engine.module.alphas_cumprod)
+        collapsed, reason = collapse_verdict(metrics, health, step)
+        if self.dist.is_main and collapsed and not self.collapsed:
+            log.warning("training health: alignment collapse at step %d: %s. Zero-shot will stay at chance "
+                        "unless it recovers (docs/design-notes.md, 'Training health')", step, reason)
+        elif self.dist.is_main and self.collapsed and not collapsed:
+            log.info("training health: recovered from the collapse at step %d", step)
+        self.collapsed = collapsed
+        return {**metrics, "health/collapsed": int(collapsed)}
 
     def log_metrics(self, record: dict) -> None:
         self.monitor.log(record)
@@ -233,6 +263,7 @@ class Trainer:
                               "loader_wait_s": waited}
                     if blocked is not None:
                         record["checkpoint_blocked_s"] = blocked
+                    record.update(self.health_metrics(step))
                     self.log_metrics(record)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", gen=f"{metrics['loss_gen']:.3f}", align=f"{metrics['loss_align']:.3f}")
                 bar.update(1)
