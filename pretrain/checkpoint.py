@@ -336,8 +336,10 @@ class Checkpointer:
         self._barrier()
 
     # -- load --------------------------------------------------------------------------------------
-    def load(self, store: CheckpointStore, tag: str) -> Restored:
-        """Restore engine and stateful pieces from a complete checkpoint (any world size)."""
+    def load(self, store: CheckpointStore, tag: str, exclude: tuple[str, ...] = ()) -> Restored:
+        """Restore engine and stateful pieces from a complete checkpoint (any world size). Pieces named
+        in ``exclude`` keep their current state (a guard rollback keeps the data position); a piece
+        with ``state_optional = True`` that the checkpoint lacks keeps its state too."""
         marker = read_marker(store, tag)
         directory = self._localize(store, tag)
         self._verify(store, tag, directory, marker)
@@ -360,7 +362,13 @@ class Checkpointer:
                 raise FileNotFoundError(f"{store.display(tag, TRAINER_STATE_DIR, state_file.name)} is missing")
             states.append(json.loads(state_file.read_text()))
         for name, obj in self.stateful.items():
+            if name in exclude:
+                continue
             missing = [k for k, s in enumerate(states) if name not in s]
+            if missing and getattr(obj, "state_optional", False) and len(missing) == len(states):
+                log.info("%s has no '%s' state (written before it existed): keeping a fresh one",
+                         store.display(tag, TRAINER_STATE_DIR), name)
+                continue
             if missing:
                 raise KeyError(f"{store.display(tag, TRAINER_STATE_DIR)}: rank {missing[0]} has no '{name}' state")
             rank_states = [s[name] for s in states]

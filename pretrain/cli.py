@@ -40,10 +40,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         from pretrain.launch import launch_local  # noqa: PLC0415
 
         return launch_local(args.nproc, _without_nproc(args.argv))
+    from pretrain.guard import DIVERGED_EXIT_CODE, TrainingDivergedError  # noqa: PLC0415
     from pretrain.trainer import Trainer  # noqa: PLC0415
 
     trainer = Trainer(config, args.out, resume=args.resume)
-    last = trainer.train()
+    try:
+        last = trainer.train()
+    except TrainingDivergedError as error:  # every rank stops at the same step with the same message
+        if trainer.dist.is_main:
+            print(f"diffdis train: error: {error}; exiting with {DIVERGED_EXIT_CODE}", file=sys.stderr)
+        return DIVERGED_EXIT_CODE
     if trainer.preempted:
         print(f"preempted: checkpoint {last}; exiting with {REQUEUE_EXIT_CODE} (requeue, then --resume auto)")
         return REQUEUE_EXIT_CODE
@@ -134,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start N local processes (one per GPU, or CPU processes on gloo). Not needed under "
                        "torchrun/srun/Kubernetes, which set RANK/WORLD_SIZE (or SLURM_PROCID/SLURM_NTASKS) themselves. "
                        "After SIGTERM/SIGUSR1 every rank finishes its step, checkpoints and the command exits 75 "
-                       "(requeue; rerun with --resume auto)")
+                       "(requeue; rerun with --resume auto). When the NaN/loss-spike guard (train.guard) runs out "
+                       "of rollbacks the command exits 65 (do not requeue: the run diverges)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     train.set_defaults(func=cmd_train)
 

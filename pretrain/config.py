@@ -13,6 +13,7 @@ from typing import Literal
 from pretrain.config_io import load_config
 from pretrain.diagnostics import HealthConfig
 from pretrain.diffusion import DiffusionConfig, LossConfig
+from pretrain.guard import GuardConfig
 from pretrain.model.config import ModelConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -98,6 +99,7 @@ class TrainConfig:
     # for local paths, RUN/.checkpoint-staging for object stores); fast local disk makes saves cheap
     checkpoint_staging_dir: str | None = None
     async_checkpoint: bool = False  # move/upload in a background thread; training resumes after the local write
+    guard: GuardConfig = field(default_factory=GuardConfig)  # NaN / loss-spike guard (pretrain/guard.py)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):

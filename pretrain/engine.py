@@ -99,7 +99,8 @@ def deepspeed_config(config: RunConfig, world_size: int, runtime: Runtime, load_
         "gradient_accumulation_steps": config.train.grad_accum,
         "gradient_clipping": config.optim.grad_clip,
         "zero_optimization": {"stage": config.deepspeed.zero_stage},
-        "bf16": {"enabled": runtime.bf16},
+        # a non-finite gradient norm skips the step (DeepSpeed's default; the NaN guard relies on it)
+        "bf16": {"enabled": runtime.bf16, "check_grad_overflow": True},
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -43,8 +43,10 @@ def worker_environment(rank: int, world_size: int, port: int, base: dict[str, st
 
 def combined_exit_code(codes: list[int]) -> int:
     """0 when every worker succeeded; the requeue code when every worker either succeeded or asked to
-    be requeued; otherwise the first real failure (negative codes, killed by a signal, become 128+n)."""
-    failures = [c for c in codes if c not in (0, REQUEUE_EXIT_CODE)]
+    be requeued; otherwise the first real failure, a worker's own exit code before a signal death
+    (negative codes become 128+n): when one worker exits with an error, the others are sent SIGTERM
+    and may die of it, and their death is not the cause (e.g. the guard's exit 65 on every rank)."""
+    failures = sorted((c for c in codes if c not in (0, REQUEUE_EXIT_CODE)), key=lambda c: c < 0)
     if failures:
         code = failures[0]
         return 128 - code if code < 0 else code

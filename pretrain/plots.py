@@ -7,8 +7,10 @@ from pathlib import Path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The step records of a metrics.jsonl (guard event records, which carry ``event``, are left out)."""
     with Path(path).open() as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        records = [json.loads(line) for line in handle if line.strip()]
+    return [r for r in records if "event" not in r]
 
 
 def plot_losses(metrics_file: str | Path, out: str | Path) -> Path:
@@ -23,7 +25,7 @@ def plot_losses(metrics_file: str | Path, out: str | Path) -> Path:
     keys = [k for k in ("loss", "loss_gen", "loss_align") if records and k in records[0]]
     figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for axis, key in zip(axes[0], keys):
-        axis.plot(steps, [r[key] for r in records])
+        axis.plot(steps, [float("nan") if r[key] is None else r[key] for r in records])  # null: non-finite
         axis.set_title(key)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)

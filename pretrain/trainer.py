@@ -7,11 +7,17 @@ Distributed runs: one process per device (``diffdis train --nproc N``, torchrun,
 batch ``train.batch_size`` = micro batch x ``train.grad_accum`` x world size. A preemption signal
 (SIGTERM/SIGUSR1) makes every rank finish the same step, checkpoint, and stop with
 :data:`cluster.preemption.REQUEUE_EXIT_CODE` (the CLI's exit code).
+
+The NaN / loss-spike guard (``train.guard``, decisions in :mod:`pretrain.guard`) checks every micro
+batch's loss before ``engine.backward`` (:meth:`Trainer.guard_loss`) and books every optimizer step
+(:meth:`Trainer.guard_step`): bad steps are skipped, repeated trouble rolls back to the last good
+checkpoint, too many rollbacks stop the run (:class:`pretrain.guard.TrainingDivergedError`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -23,7 +29,7 @@ from tqdm import tqdm
 
 from cluster.env import read_dist_env
 from cluster.preemption import PreemptionWatcher
-from pretrain.checkpoint import Checkpointer, RNGState, read_marker
+from pretrain.checkpoint import Checkpointer, Restored, RNGState, read_marker, step_of
 from pretrain.checkpoint_store import CheckpointStore
 from pretrain.config import RunConfig
 from pretrain.config_io import dump_yaml
@@ -32,6 +38,7 @@ from pretrain.diagnostics import collapse_verdict, training_health
 from pretrain.diffusion import DiffDisObjective
 from pretrain.ema import EMA, full_state_dict
 from pretrain.engine import detect_runtime, initialize_engine, micro_batch_size
+from pretrain.guard import NONFINITE_GRAD, Event, Fault, FaultInjector, TrainingDivergedError, TrainingGuard, corrupt, poisoned
 from pretrain.model import DiffDisModel, TokenizerSpec
 from pretrain.model.diffdis import WEIGHTS_NAME
 from pretrain.model.tokenizer import special_token_ids
@@ -84,6 +91,9 @@ class Trainer:
         self.resume = resume
         self.dist = read_dist_env()
         self.runtime = detect_runtime(self.dist, config.train.precision)
+        if config.train.guard.enabled and config.deepspeed.zero_stage == 0 and not self.runtime.bf16:
+            raise ValueError("train.guard needs DeepSpeed's overflow skip, which ZeRO stage 0 in fp32 lacks: set "
+                             "deepspeed.zero_stage>=1 (the default is 1) or train.guard.enabled=false")
         seed_everything(config.train.seed + self.dist.rank)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
@@ -103,7 +113,11 @@ class Trainer:
         self.stream = make_train_stream(config, self.dist.rank, self.dist.world_size)
         self.batches = iter(self.stream)
         self.counter = StepCounter()
-        stateful = {"trainer": self.counter, "data": self.stream, "rng": RNGState(config.train.seed)}
+        self.guard = TrainingGuard(config.train.guard)
+        self.faults = FaultInjector(config.train.guard.inject_faults, self.dist.rank)  # test hook; empty unless set
+        self._step_fault: Fault | None = None  # why the optimizer step in progress is skipped
+        self._step_losses: list[float] = []  # its micro batches' losses, averaged over ranks
+        stateful = {"trainer": self.counter, "data": self.stream, "rng": RNGState(config.train.seed), "guard": self.guard}
         if self.ema is not None:
             stateful["ema"] = self.ema
         staging = config.train.checkpoint_staging_dir or (None if self.store.local else self.run_dir / ".checkpoint-staging")
@@ -136,7 +150,7 @@ class Trainer:
         LR schedule only at the end of each ``grad_accum`` group)."""
         batch = {k: v.to(self.runtime.device) for k, v in batch.items()}
         losses = self.engine(**batch)
-        self.engine.backward(losses["loss"])
+        self.engine.backward(self.guard_loss(losses))
         self.engine.step()
         return {k: float(v.detach()) for k, v in losses.items()}
 
@@ -145,6 +159,8 @@ class Trainer:
         spent waiting for data."""
         totals: dict[str, float] = {}
         waited = 0.0
+        self.guard.drawn += 1
+        self._step_fault, self._step_losses = None, []
         for _ in range(self.config.train.grad_accum):
             started = time.perf_counter()
             batch = self.next_batch()
@@ -152,9 +168,87 @@ class Trainer:
             self.last_batch = batch
             for name, value in self.train_step(batch).items():
                 totals[name] = totals.get(name, 0.0) + value / self.config.train.grad_accum
-        if self.ema is not None:
+        if self.ema is not None and self.engine.was_step_applied():  # a skipped step left the weights as they were
             self.ema.update()
         return totals, waited
+
+    # -- the guard (decisions in pretrain/guard.py) ------------------------------------------------
+    def guard_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The tensor to backpropagate for this micro batch. The test hook corrupts ``losses["loss"]``
+        first; then every rank checks the loss averaged over ranks (one all-reduce), so all agree.
+        Once a micro batch is bad, the step's remaining ones are backpropagated poisoned, and
+        DeepSpeed's overflow path drops the step's gradients and update (:func:`pretrain.guard.poisoned`)."""
+        kind = self.faults.kind_at(self.guard.drawn) if self.faults else None
+        if kind is not None:
+            losses["loss"] = corrupt(losses["loss"], kind)
+        if not self.config.train.guard.enabled:
+            return losses["loss"]
+        mean = self._mean_over_ranks(float(losses["loss"].detach()))
+        self._step_losses.append(mean)
+        if self._step_fault is None:
+            self._step_fault = self.guard.check_loss(mean)
+        return losses["loss"] if self._step_fault is None else poisoned(losses["loss"])
+
+    def _mean_over_ranks(self, value: float) -> float:
+        """``value`` averaged over ranks; NaN when any rank's is not finite."""
+        if self.dist.world_size == 1:
+            return value
+        finite = math.isfinite(value)
+        device = self.runtime.device if self.runtime.backend == "nccl" else "cpu"
+        both = torch.tensor([value if finite else 0.0, 0.0 if finite else 1.0], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(both)
+        total, bad = both.tolist()
+        return float("nan") if bad else total / self.dist.world_size
+
+    def guard_step(self, step: int) -> bool:
+        """Book optimizer step ``step`` with the guard and carry out its decision (the same on every
+        rank). Returns True after a rollback (the loop continues from the restored step); raises
+        :class:`TrainingDivergedError` when the guard stops the run."""
+        if not self.config.train.guard.enabled:
+            return False
+        applied = self.engine.was_step_applied()
+        fault = self._step_fault
+        if fault is not None and applied:
+            raise RuntimeError(f"step {step}: DeepSpeed applied an update although the guard poisoned its gradients "
+                               f"({fault.kind}); this engine configuration has no overflow skip")
+        if fault is None and not applied:  # the loss was fine, the gradient norm was not: DeepSpeed skipped
+            norm = self.engine.get_global_grad_norm()
+            fault = Fault(NONFINITE_GRAD, float("inf") if norm is None else float(norm))
+        event = self.guard.end_step(step, fault, sum(self._step_losses) / max(1, len(self._step_losses)))
+        if event is None:
+            return False
+        rolled_back = event.action == "rollback" and self.rollback(event)
+        self.record_event(event)
+        if event.action == "stop":
+            guard = self.config.train.guard
+            raise TrainingDivergedError(
+                f"training diverged at step {step}: {event.kind} (value {event.value}), {guard.max_bad_steps} bad steps "
+                f"within {guard.bad_window} steps after {self.guard.rollbacks} rollback(s) (train.guard.max_rollbacks="
+                f"{guard.max_rollbacks}){event.detail.get('reason', '')}. Events are in {self.metrics_file}. Lower "
+                f"optim.lr or inspect the data near batch {self.guard.drawn}, then rerun with --resume auto")
+        return rolled_back
+
+    def rollback(self, event: Event) -> bool:
+        """Restore the newest complete checkpoint taken before the trouble began (the resume path),
+        keeping the data position: the batches drawn since that checkpoint are skipped. Sets
+        ``event.action`` to ``stop`` when there is no such checkpoint."""
+        self.checkpointer.close()  # a save in flight lands first, and every rank sees the same COMPLETE markers
+        before = self.guard.rollback_before()
+        tags = [tag for tag in self.store.complete_tags() if step_of(tag) < before]
+        if not tags:
+            event.action = "stop"
+            event.detail["reason"] = f"; no complete checkpoint before step {before} in {self.store.display()} to roll back to"
+            return False
+        restored = self.restore(self.store, tags[-1], exclude=("data", "guard"))
+        self.guard.rolled_back()
+        event.detail.update(to_step=restored.step, batch=self.guard.drawn)
+        log.warning("guard: rolled back to %s (step %d); the data stream continues after batch %d",
+                    self.store.display(tags[-1]), restored.step, self.guard.drawn)
+        return True
+
+    def record_event(self, event: Event) -> None:
+        log.warning("guard: %s at step %d (value %s): %s", event.kind, event.step, event.value, event.action)
+        self.monitor.event(event.record(), self.guard.totals())
 
     def save_extras(self, directory: Path):
         """Inside every checkpoint: inference weights (safetensors; the EMA weights beside them) and
@@ -224,7 +318,13 @@ class Trainer:
             log.info("no complete checkpoint under %s: starting from scratch", self.store.display())
             return
         store, tag = self.resume_source
-        restored = self.checkpointer.load(store, tag)
+        restored = self.restore(store, tag)
+        log.info("resumed from %s (step %d, saved by %d processes)", store.display(tag), restored.step,
+                 restored.marker["world_size"])
+
+    def restore(self, store: CheckpointStore, tag: str, exclude: tuple[str, ...] = ()) -> Restored:
+        """Engine, stateful pieces (but those in ``exclude``), step and EMA weights from a checkpoint."""
+        restored = self.checkpointer.load(store, tag, exclude=exclude)
         self.counter.step = restored.step
         if self.ema is not None:
             ema_file = restored.directory / EMA_FOLDER / WEIGHTS_NAME
@@ -233,8 +333,7 @@ class Trainer:
                     raise FileNotFoundError(f"{store.display(tag, EMA_FOLDER, WEIGHTS_NAME)} is missing: "
                                             "the checkpoint was written without EMA (set train.ema_decay=0)")
                 self.ema.load_weights(load_file(str(ema_file)), str(ema_file))
-        log.info("resumed from %s (step %d, saved by %d processes)", store.display(tag), restored.step,
-                 restored.marker["world_size"])
+        return restored
 
     def train(self) -> str | None:
         """Train to ``train.steps``; returns the last checkpoint written. After a preemption signal it
@@ -248,6 +347,8 @@ class Trainer:
                 started = time.perf_counter()
                 metrics, waited = self.optimizer_step()
                 self.counter.step += 1
+                if self.guard_step(self.counter.step):
+                    continue  # rolled back: the loop resumes from the restored step
                 elapsed = time.perf_counter() - started
                 step = self.counter.step
                 stop = self.should_stop()
