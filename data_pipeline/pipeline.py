@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_pipeline.manifest import Manifest, ShardEntry, manifest_url, write_manifest
+from data_pipeline.progress import progress as progress_bar
 from data_pipeline.ray_runtime import start_ray
 from data_pipeline.shard_config import ShardConfig, content_dict, fingerprint
 from data_pipeline.shard_writer import ShardStats, existing_shards, shard_name, write_shard
@@ -141,6 +142,7 @@ class PipelineSummary:
     cpus: int
     nothing_to_do: bool = False
     manifest_written: bool = True
+    input_problems: list[str] = field(default_factory=list)  # inputs read only in part (truncated shards)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -182,12 +184,14 @@ def plan_pipeline(config: ShardConfig, output_url: str, storage_options: dict | 
     )
 
 
-def build_manifest(stats: list[ShardStats], config: ShardConfig) -> Manifest:
+def build_manifest(stats: list[ShardStats], config: ShardConfig, truncated_inputs: int = 0) -> Manifest:
     counts: Counter = Counter()
     for unit in stats:
         counts.update(unit.counts)
     ordered = {reason: counts[reason] for reason in REASONS if counts.get(reason)}
     ordered.update({r: n for r, n in sorted(counts.items()) if r not in ordered and n})
+    if truncated_inputs:
+        ordered["truncated_input_shards"] = truncated_inputs
     shards = [ShardEntry(s.name, s.samples, s.bytes, s.sha256) for s in stats if s.name is not None]
     return Manifest(shards=shards, counts=ordered, config=redact(content_dict(config)))
 
@@ -221,7 +225,7 @@ def run_pipeline(config: ShardConfig, output_url: str, storage_options: dict | N
     if todo:
         cpus, process_s = _run_units(config, source, units, todo, stats, output_url, options, ray_address, progress)
     ordered = [stats[i] for i in range(units)]
-    manifest = build_manifest(ordered, config)
+    manifest = build_manifest(ordered, config, truncated_inputs=len(source.problems))
     data = manifest.to_json()
     url = manifest_url(output_url)
     try:
@@ -236,7 +240,7 @@ def run_pipeline(config: ShardConfig, output_url: str, storage_options: dict | N
         units_written=len(todo), units_reused=len(done), items=len(source),
         items_processed=sum(stats[i].items for i in todo), samples=manifest.total_samples,
         bytes=manifest.total_bytes, counts=dict(manifest.counts), wall_s=wall, process_s=process_s, cpus=cpus,
-        nothing_to_do=not todo and unchanged, manifest_written=not unchanged,
+        nothing_to_do=not todo and unchanged, manifest_written=not unchanged, input_problems=list(source.problems),
     )
 
 
@@ -244,7 +248,6 @@ def _run_units(config: ShardConfig, source: Source, units: int, todo: list[int],
                output_url: str, options: dict, ray_address: str | None, progress: bool) -> tuple[int, float]:
     """Submit ``todo`` units to Ray within the in-flight window, commit in order, write shards."""
     import ray  # noqa: PLC0415
-    from tqdm import tqdm  # noqa: PLC0415
 
     load_scorer(config.filters.scorer)  # fail fast, on the driver, with the path named
     we_started = start_ray(ray_address, config.run.num_workers)
@@ -259,8 +262,8 @@ def _run_units(config: ShardConfig, source: Source, units: int, todo: list[int],
     seen: set[str] = set()
     queue = iter(todo)
     upcoming = next(queue, None)
-    bar = tqdm(total=len(source), initial=sum(s.items for s in stats.values()), unit="img", disable=not progress,
-               desc="shard", dynamic_ncols=True, smoothing=0.1)
+    bar = progress_bar(len(source), "shard", unit="img", initial=sum(s.items for s in stats.values()),
+                       disable=not progress, smoothing=0.1)
     kept_this_run = 0
     begin = time.perf_counter()
     writer = ThreadPoolExecutor(MAX_PENDING_WRITES, thread_name_prefix="shard-writer")

@@ -31,6 +31,7 @@ import torch
 import webdataset as wds
 
 from data_pipeline.manifest import Manifest, ShardEntry, write_manifest
+from data_pipeline.progress import progress as progress_bar
 from data_pipeline.ray_runtime import start_ray
 from data_pipeline.storage import join, redact, write_whole
 from data_pipeline.wds_io import ShardRead, ShardRef, decode_sample, raw_samples, resolve_shards
@@ -145,15 +146,13 @@ def precompute_features(
 def _encode_all(ray, shard_set, input_spec: str, output_dir: str, factory: EncoderFactory, image_size: int,
                 batch_size: int, storage_options: dict | None, description: dict[str, Any] | None,
                 progress: bool) -> Manifest:
-    from tqdm import tqdm  # noqa: PLC0415
-
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus)(encode_shard)
     factory_ref = ray.put(factory)
     futures = {task.remote(ref, output_dir, factory_ref, image_size, batch_size, storage_options): ref
                for ref in shard_set.shards}
     results: dict[str, ShardResult] = {}
-    bar = tqdm(total=len(futures), desc="precompute", unit="shard", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(len(futures), "precompute", unit="shard", disable=not progress)
     remaining = list(futures)
     while remaining:
         done, remaining = ray.wait(remaining, num_returns=1)

@@ -16,10 +16,9 @@ img2dataset's: ``jpg|png|webp`` + ``txt`` + ``json``), ``digits`` (the bundled d
 
 from __future__ import annotations
 
-import io
 import json
+import logging
 import posixpath
-import tarfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Sequence
@@ -29,6 +28,9 @@ import numpy as np
 from data_pipeline.shard_config import SourceConfig
 from data_pipeline.storage import filesystem, is_local
 from data_pipeline.transforms import RawSample, Rejected
+from data_pipeline.wds_io import ShardRead, ShardRef, ShardSourceError, raw_samples
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -151,7 +153,8 @@ class ShardLoader(ItemLoader):
     def prepare(self, items) -> None:
         self._members = {}
         for shard_url in dict.fromkeys(url for url, _ in items):
-            self._members.update(_read_shard_members(shard_url, self.storage_options))
+            samples, _ = read_shard(shard_url, self.storage_options)  # the driver already reported truncation
+            self._members.update({(shard_url, key): members for key, members in samples.items()})
 
     def caption(self, item) -> str:
         members = self._members.get(item, {})
@@ -181,25 +184,26 @@ class ShardLoader(ItemLoader):
         return RawSample(caption=caption, meta=meta, data=members[image_key])
 
 
-def _read_shard_members(shard_url: str, storage_options: dict | None) -> dict[tuple[str, str], dict[str, bytes]]:
-    """``{(shard_url, key): {ext: bytes}}`` via ``webdataset``'s own key splitting, so keys match its loader."""
-    from webdataset.tariterators import base_plus_ext  # noqa: PLC0415
+def _shard_ref(shard_url: str) -> ShardRef:
+    return ShardRef(shard_url.rstrip("/").rsplit("/", 1)[-1], shard_url)
 
-    samples: dict[tuple[str, str], dict[str, bytes]] = {}
-    data = _read_url_bytes(shard_url, storage_options)
+
+def read_shard(shard_url: str, storage_options: dict | None) -> tuple[dict[str, dict[str, bytes]], ShardRead]:
+    """``{key: {ext: bytes}}`` of one input shard, in tar order, and what reading it found.
+
+    One tar reader for every shard we read (``wds_io.raw_samples``: webdataset's key splitting, so keys
+    match its loaders, and the tail check that tells a shard cut between members from a whole one). A
+    truncated shard gives the samples before the break (the one being read is dropped) and its
+    :class:`ShardRead` names the error; one that cannot be opened raises, naming it."""
+    ref = _shard_ref(shard_url)
+    read = ShardRead(ref)
+    samples = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                key, ext = base_plus_ext(member.name)
-                if key is None:
-                    continue
-                handle = archive.extractfile(member)
-                samples.setdefault((shard_url, key), {})[ext.lower()] = handle.read() if handle else b""
-    except tarfile.TarError as error:
-        raise SourceError(f"{shard_url}: not a readable tar ({error})") from None
-    return samples
+        for raw in raw_samples(ref, storage_options, read):
+            samples[raw["__key__"]] = {ext.lower(): data for ext, data in raw.items() if not ext.startswith("__")}
+    except ShardSourceError as error:
+        raise SourceError(str(error)) from None
+    return samples, read
 
 
 @lru_cache(maxsize=2)
@@ -306,6 +310,7 @@ class Source:
     description: str
     items: list
     loader: ItemLoader
+    problems: list[str] = field(default_factory=list)  # inputs read only in part (truncated shards)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -468,22 +473,15 @@ def shard_urls(path: str, options: dict) -> list[str]:
 
 
 def _open_shards(path: str, options: dict) -> Source:
-    """Lists every shard's members once on the driver (reads each tar), to number items globally."""
-    from webdataset.tariterators import base_plus_ext  # noqa: PLC0415
-
-    items = []
+    """Reads every input shard once on the driver, to number its samples globally. A truncated shard
+    contributes the samples before the break and is reported (a warning naming it, and
+    :attr:`Source.problems`, which the pipeline's summary and manifest carry)."""
+    items, problems = [], []
     for url in shard_urls(path, options):
-        fs, inner = filesystem(url, options)
-        try:
-            with fs.open(inner, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
-                keys: dict[str, set] = {}
-                for member in archive:
-                    key, ext = base_plus_ext(member.name)
-                    if member.isfile() and key is not None:
-                        keys.setdefault(key, set()).add(ext.lower())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"shard {url} does not exist") from None
-        except tarfile.TarError as error:
-            raise SourceError(f"shard {url}: not a readable tar ({error})") from None
-        items.extend((url, key) for key, exts in keys.items() if exts & set(SHARD_IMAGE_KEYS))
-    return Source("shards", f"shards {path} ({len(items)} samples)", items, ShardLoader(options))
+        samples, read = read_shard(url, options)
+        items.extend((url, key) for key, members in samples.items() if set(members) & set(SHARD_IMAGE_KEYS))
+        if read.error is not None:
+            problems.append(f"input shard {url} is truncated or corrupt ({read.error}): {read.samples} whole "
+                            f"sample(s) used" + (f", {read.dropped!r} dropped" if read.dropped else ""))
+            log.warning("%s", problems[-1])
+    return Source("shards", f"shards {path} ({len(items)} samples)", items, ShardLoader(options), problems)

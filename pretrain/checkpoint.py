@@ -19,8 +19,11 @@ Layout under the checkpoint root (a local path or an ``s3://`` URL)::
 Every rank saves into its own local staging directory (``engine.save_checkpoint`` takes a
 directory per call, so ranks on different nodes never share one), then moves (local root: a rename)
 or uploads (object store) each of its files whole. Rank 0 writes ``COMPLETE`` once every rank's files
-are in place, then ``latest``, then prunes to the newest ``keep_last``. In async mode the moving and
-uploading run in a background thread: training is blocked only for DeepSpeed's local write.
+are in place, then ``latest``, then prunes to the newest ``keep_last``. In async mode training is
+blocked only while the state is copied to memory: DeepSpeed's shards are snapshotted
+(``pretrain.checkpoint_snapshot``) and written, like the inference folders, moved and uploaded, by a
+background thread. A write that fails (disk full, store unreachable past the retries) raises
+:class:`CheckpointWriteError` naming the file; the step is left without COMPLETE, so nothing reads it.
 
 Trainer state is JSON and weights are safetensors, so nothing of ours is unpickled on load; DeepSpeed's
 own shards are loaded by DeepSpeed (which unpickles): resume only from checkpoints you wrote.
@@ -46,7 +49,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pretrain.checkpoint_store import COMPLETE, TAG_PATTERN, CheckpointStore
+from pretrain.checkpoint_snapshot import install_snapshot_engine
+from pretrain.checkpoint_store import COMPLETE, TAG_PATTERN, CheckpointStore, is_transient
 
 log = logging.getLogger("diffdis.checkpoint")
 
@@ -63,6 +67,15 @@ ASYNC_DONE_TIMEOUT_S = 3600.0  # rank 0 waits this long for the other ranks' fil
 class CheckpointError(ValueError):
     """A checkpoint is damaged or cannot be loaded; the message names the file. (A ValueError: bad
     input, so the CLI reports it and exits 2.)"""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, store unreachable): the message names the file and
+    the newest complete checkpoint, which is untouched."""
+
+
+class _OtherRankFailed(CheckpointWriteError):
+    """Rank 0's background thread: another rank reported that its files failed."""
 
 
 class Stateful(Protocol):
@@ -212,6 +225,9 @@ class Checkpointer:
         self.last_blocked_s = 0.0
         self._pending: threading.Thread | None = None
         self._pending_error: BaseException | None = None
+        # async mode: DeepSpeed's own writes become memory snapshots written by the background thread
+        self._snapshots = install_snapshot_engine(engine) if async_save else None
+        self._found_tags: set[str] | None = None  # step directories that existed before this run's first save
 
     # -- collectives -------------------------------------------------------------------------------
     def _barrier(self) -> None:
@@ -229,8 +245,9 @@ class Checkpointer:
     def save(self, step: int, write_extras=None) -> str:
         """Write checkpoint ``step``; ``write_extras(directory)`` runs on every rank inside the staged
         directory (rank 0 writes the model folders and config). Returns the checkpoint's URL/path.
-        In async mode it returns as soon as the local write is done; :attr:`last_blocked_s` says how
-        long training was blocked."""
+        In async mode it returns once the state is snapshotted to memory; :attr:`last_blocked_s` says
+        how long training was blocked. A failed write raises :class:`CheckpointWriteError` (async mode:
+        from the next ``save``/``wait``/``close``), naming the file; the step stays incomplete."""
         started = time.perf_counter()
         self.wait()
         tag = tag_for(step)
@@ -238,9 +255,21 @@ class Checkpointer:
         stage_dir = stage_root / tag
         shutil.rmtree(stage_dir, ignore_errors=True)
         if self.rank == 0:
-            self.store.remove(tag)  # a stale incomplete attempt at this step
+            if self._found_tags is None:  # listed once per run: on object stores a query is a round trip
+                self._found_tags = set(self.store.tags())
+            if tag in self._found_tags:  # left by an earlier run: a save it did not finish, or a checkpoint
+                # newer than the one this run resumed from
+                self.store.remove(tag)
+                self._found_tags.discard(tag)
         self._barrier()
-        self.engine.save_checkpoint(str(stage_root), tag=tag, save_latest=False)
+        if self._snapshots is not None:
+            self._snapshots.capture()  # async: DeepSpeed's torch.save calls become memory snapshots
+        try:
+            self.engine.save_checkpoint(str(stage_root), tag=tag, save_latest=False)
+        except Exception as error:  # noqa: BLE001 - re-raised with the checkpoint named
+            raise self._write_failure(tag, f"DeepSpeed could not write its shards under {stage_dir}", error) from error
+        finally:
+            engine_writes = self._snapshots.release() if self._snapshots is not None else []
         state_dir = stage_dir / TRAINER_STATE_DIR
         state_dir.mkdir(parents=True, exist_ok=True)
         state = {name: obj.state_dict() for name, obj in self.stateful.items()}
@@ -250,18 +279,37 @@ class Checkpointer:
         finish = write_extras(stage_dir) if write_extras is not None else None
         if self.async_save:
             self._pending_error = None
-            self._pending = threading.Thread(target=self._persist_in_background, args=(tag, step, stage_dir, finish),
-                                             name=f"checkpoint-{tag}")
+            self._pending = threading.Thread(target=self._persist_in_background,
+                                             args=(tag, step, stage_dir, engine_writes, finish), name=f"checkpoint-{tag}")
             self._pending.start()
         else:
-            if callable(finish):
-                finish()
-            manifests = self._all_gather(self._persist(tag, stage_dir, staged_files(stage_dir)))
-            if self.rank == 0:
-                self._finalize(tag, step, manifests)
-            self._barrier()
+            self._save_sync(tag, step, stage_dir, finish)
         self.last_blocked_s = time.perf_counter() - started
         return self.store.display(tag)
+
+    def _save_sync(self, tag: str, step: int, stage_dir: Path, finish) -> None:
+        """Every rank persists its files; failures are gathered so that all ranks raise the same error
+        (none is left waiting in a collective)."""
+        manifest, problem = None, None
+        try:
+            if callable(finish):
+                self._finish_extras(tag, stage_dir, finish)
+            manifest = self._persist(tag, stage_dir, staged_files(stage_dir))
+        except Exception as error:  # noqa: BLE001 - gathered, then raised on every rank
+            problem = self._write_failure(tag, f"rank {self.rank} failed persisting {stage_dir}", error)
+            shutil.rmtree(stage_dir, ignore_errors=True)  # a full disk gets its space back
+        results = self._all_gather((manifest, None if problem is None else str(problem)))
+        failed = [(rank, text) for rank, (_, text) in enumerate(results) if text]
+        if failed:
+            raise problem if problem is not None else CheckpointWriteError(f"rank {failed[0][0]}: {failed[0][1]}")
+        if self.rank == 0:
+            try:
+                self._finalize(tag, step, [m for m, _ in results])
+            except CheckpointWriteError as error:
+                problem = error
+        text = self._all_gather(None if problem is None else str(problem))[0]
+        if text:
+            raise problem if problem is not None else CheckpointWriteError(f"rank 0: {text}")
 
     def _persist(self, tag: str, stage_dir: Path, files: list[str]) -> dict:
         """Move/upload this rank's staged files; returns their manifest entries."""
@@ -270,31 +318,85 @@ class Checkpointer:
             source = stage_dir / relative
             size, crc = file_digest(source)
             manifest[relative] = {"bytes": size, "crc32": crc, "rank": self.rank}
-            self.store.put(source, tag, relative)
+            try:
+                self.store.put(source, tag, relative)
+            except Exception as error:  # noqa: BLE001 - re-raised with the file named
+                verb = "moving" if self.store.local else "uploading"
+                raise self._write_failure(tag, f"rank {self.rank} failed {verb} {source} to {self.store.display(tag, relative)}",
+                                          error) from error
         shutil.rmtree(stage_dir, ignore_errors=True)
         return manifest
 
-    def _persist_in_background(self, tag: str, step: int, stage_dir: Path, finish=None) -> None:
-        """Async mode, one thread per rank. No torch.distributed here (collectives from a second
-        thread would interleave with training's): ranks report through ``.done/rank-R.json`` files in
-        the checkpoint itself, which rank 0 waits for before writing COMPLETE."""
+    def _finish_extras(self, tag: str, stage_dir: Path, finish) -> None:
         try:
+            finish()
+        except Exception as error:  # noqa: BLE001 - re-raised with the checkpoint named
+            raise self._write_failure(tag, f"rank {self.rank} failed writing the inference folders under {stage_dir}",
+                                      error) from error
+
+    def _write_failure(self, tag: str, what: str, error: BaseException) -> CheckpointWriteError:
+        if isinstance(error, CheckpointWriteError):
+            return error
+        if self._found_tags is not None:
+            self._found_tags.add(tag)  # partial files: a later save at this step removes them first
+        try:
+            complete = self.store.complete_tags()
+            newest = self.store.display(complete[-1]) if complete else "none yet"
+        except Exception:  # noqa: BLE001 - the store itself may be what failed
+            newest = "unknown (the store cannot be listed now)"
+        return CheckpointWriteError(
+            f"checkpoint {self.store.display(tag)} was not written: {what}: {type(error).__name__}: {error}. It has "
+            f"no {COMPLETE} marker, so --resume auto and eval skip it; the newest complete checkpoint is {newest}")
+
+    def _persist_in_background(self, tag: str, step: int, stage_dir: Path, engine_writes: list, finish=None) -> None:
+        """Async mode, one thread per rank: DeepSpeed's snapshots to the staging directory, the
+        inference folders, then the move/upload. No torch.distributed here (collectives from a second
+        thread would interleave with training's): ranks report through ``.done/rank-R.json`` files in
+        the checkpoint itself (or ``.done/rank-R.failed`` with the error), which rank 0 waits for
+        before writing COMPLETE."""
+        try:
+            for state, path in engine_writes:
+                try:
+                    self._snapshots.write(state, path)
+                except Exception as error:  # noqa: BLE001 - re-raised with the file named
+                    raise self._write_failure(tag, f"rank {self.rank} failed writing {path}", error) from error
+            engine_writes.clear()  # the snapshots' memory goes back now, not at the next save
             if callable(finish):
-                finish()
+                self._finish_extras(tag, stage_dir, finish)
             manifest = self._persist(tag, stage_dir, staged_files(stage_dir))
             self.store.write_text(json.dumps(manifest), tag, DONE_DIR, f"rank-{self.rank:05d}.json")
             if self.rank == 0:
-                deadline = time.monotonic() + ASYNC_DONE_TIMEOUT_S
-                names = [f"rank-{r:05d}.json" for r in range(self.world_size)]
-                while not all(self.store.exists(tag, DONE_DIR, n) for n in names):
-                    if time.monotonic() > deadline:
-                        raise CheckpointError(f"{self.store.display(tag)}: not every rank finished its files "
-                                              f"within {ASYNC_DONE_TIMEOUT_S:.0f} s; left incomplete")
-                    time.sleep(0.2)
-                manifests = [json.loads(self.store.read_text(tag, DONE_DIR, n)) for n in names]
-                self._finalize(tag, step, manifests)
+                self._finalize(tag, step, self._wait_for_ranks(tag))
         except BaseException as error:  # noqa: BLE001 - reported by wait()
             self._pending_error = error
+            engine_writes.clear()
+            shutil.rmtree(stage_dir, ignore_errors=True)  # a full disk gets its space back
+            if self.world_size > 1 and not isinstance(error, _OtherRankFailed):
+                try:  # best effort: lets rank 0 stop waiting and name this rank's failure
+                    self.store.write_text(str(error), tag, DONE_DIR, f"rank-{self.rank:05d}.failed")
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def _wait_for_ranks(self, tag: str) -> list[dict]:
+        """Rank 0, async mode: every rank's manifest, once all have reported (or the first failure)."""
+        deadline = time.monotonic() + ASYNC_DONE_TIMEOUT_S
+        names = [f"rank-{r:05d}" for r in range(self.world_size)]
+        while True:
+            try:
+                for name in names:
+                    if self.store.exists(tag, DONE_DIR, f"{name}.failed"):
+                        raise _OtherRankFailed(self.store.read_text(tag, DONE_DIR, f"{name}.failed"))
+                if all(self.store.exists(tag, DONE_DIR, f"{name}.json") for name in names):
+                    return [json.loads(self.store.read_text(tag, DONE_DIR, f"{name}.json")) for name in names]
+            except _OtherRankFailed:
+                raise
+            except Exception as error:  # noqa: BLE001 - a store blip while polling: keep polling
+                if not is_transient(error):
+                    raise
+            if time.monotonic() > deadline:
+                raise CheckpointWriteError(f"{self.store.display(tag)}: not every rank finished its files within "
+                                           f"{ASYNC_DONE_TIMEOUT_S:.0f} s; left incomplete")
+            time.sleep(0.2)
 
     def _finalize(self, tag: str, step: int, manifests: list[dict]) -> None:
         """Rank 0: COMPLETE (with every file's size and checksum), then ``latest``, then pruning."""
@@ -304,8 +406,16 @@ class Checkpointer:
         files = {name: entry for manifest in manifests for name, entry in manifest.items()}
         marker = {"step": step, "world_size": self.world_size, "zero_stage": self.engine.zero_optimization_stage(),
                   "time": time.time(), "files": files}
-        self.store.write_text(json.dumps(marker), tag, COMPLETE)
-        self.store.write_text(tag, LATEST)
+        try:
+            self.store.write_text(json.dumps(marker), tag, COMPLETE)
+        except Exception as error:  # noqa: BLE001 - re-raised with the file named
+            raise self._write_failure(tag, f"writing {self.store.display(tag, COMPLETE)} failed", error) from error
+        try:
+            self.store.write_text(tag, LATEST)
+        except Exception as error:  # noqa: BLE001 - the checkpoint is complete; only the pointer lags
+            log.warning("checkpoint %s is complete but %s was not updated (%s: %s); --resume auto scans for "
+                        "COMPLETE markers, so it is still found", self.store.display(tag), self.store.display(LATEST),
+                        type(error).__name__, error)
         log.info("checkpoint %s complete (%d files)", self.store.display(tag), len(files))
         self._prune()
 
@@ -329,7 +439,9 @@ class Checkpointer:
             self._pending = None
             if self._pending_error is not None:
                 error, self._pending_error = self._pending_error, None
-                raise CheckpointError(f"background checkpoint save failed: {error}") from error
+                if isinstance(error, CheckpointError):
+                    raise error
+                raise CheckpointError(f"background checkpoint save failed: {type(error).__name__}: {error}") from error
 
     def close(self) -> None:
         self.wait()

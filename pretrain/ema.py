@@ -64,16 +64,32 @@ def chunks(named: list[tuple[str, nn.Parameter]], limit: int = GATHER_CHUNK_ELEM
         yield batch
 
 
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of ``tensor`` (contiguous). CPU tensors are copied with numpy (one plain memcpy):
+    torch's copy splits large tensors over its OpenMP threads, which on a busy CPU waited on each other
+    and made checkpoint snapshots 2-10x slower (measured under a load of 20 on 2 cores)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        return tensor.cpu()
+    out = torch.empty(tensor.shape, dtype=tensor.dtype)
+    if tensor.is_contiguous() and tensor.numel() > 0:
+        out.view(-1).view(torch.uint8).numpy()[:] = tensor.reshape(-1).view(torch.uint8).numpy()
+    else:
+        out.copy_(tensor)
+    return out
+
+
 def full_state_dict(module: nn.Module, keep: bool) -> dict[str, torch.Tensor] | None:
     """``module.state_dict()`` with ZeRO-3 partitions gathered, as CPU copies, on the ranks where
     ``keep`` (None elsewhere). Every rank must call it under ZeRO-3 (collective)."""
     named = list(module.named_parameters())
-    state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if keep else None
+    names = {name for name, _ in named}  # copied below, gathered (keys keep state_dict's order)
+    state = {k: None if k in names else host_copy(v) for k, v in module.state_dict().items()} if keep else None
     for batch in chunks(named):
         with gathered([p for _, p in batch]):
             if keep:
                 for name, param in batch:
-                    state[name] = param.detach().cpu().clone()
+                    state[name] = host_copy(param)
     return state
 
 

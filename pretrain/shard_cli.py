@@ -157,7 +157,7 @@ def _print_summary(summary) -> None:
     table.add_column("what")
     table.add_column("value", justify="right")
     for reason, count in summary.counts.items():
-        table.add_row(f"samples: {reason}", f"{count:,}")
+        table.add_row(reason.replace("_", " ") if reason.endswith("_shards") else f"samples: {reason}", f"{count:,}")
     table.add_row("shards (tars)", f"{summary.shards:,}")
     table.add_row("units written / reused", f"{summary.units_written} / {summary.units_reused}")
     table.add_row("bytes", f"{summary.bytes:,}")
@@ -166,6 +166,8 @@ def _print_summary(summary) -> None:
     table.add_row(f"per core ({summary.cpus} CPUs)", f"{summary.items_per_s_per_core:,.0f} /s")
     table.add_row("manifest", summary.manifest_url)
     console.print(table)
+    for problem in summary.input_problems:
+        console.print(f"warning: {problem}", markup=False)
 
 
 # Their DEBUG records carry signed request headers (the access key id) and request bodies.

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from cluster.env import read_dist_env
 from cluster.preemption import PreemptionWatcher
+from data_pipeline.progress import progress
 from pretrain.checkpoint import Checkpointer, Restored, RNGState, read_marker, step_of
 from pretrain.checkpoint_store import CheckpointStore
 from pretrain.config import RunConfig
@@ -340,7 +340,7 @@ class Trainer:
         returns early with :attr:`preempted` set (the CLI then exits with the requeue code)."""
         self.maybe_resume()
         total = self.config.train.steps
-        bar = tqdm(total=total, initial=self.counter.step, desc="train", disable=not self.dist.is_main, dynamic_ncols=True)
+        bar = progress(total, "train", unit="step", initial=self.counter.step, disable=not self.dist.is_main)
         last_saved = None
         try:
             while self.counter.step < total:

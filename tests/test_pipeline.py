@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 import threading
 import time
 from dataclasses import replace
@@ -187,3 +188,48 @@ def test_s3_outage_mid_run_fails_naming_the_url_and_a_rerun_completes(ray_local,
     assert resumed.units_reused >= 1 and resumed.units_written <= 3
     run_pipeline(config, str(tmp_path / "clean"), progress=False)
     assert read_tree(fs, f"{endpoint.bucket}/outage") == _local(tmp_path / "clean")
+
+
+def test_a_unit_with_every_sample_filtered_is_left_out_of_the_manifest(ray_local, tmp_path):
+    """Unit 1 keeps nothing: it gets a stats file and no tar; reruns, resume and the loader cope."""
+    from data_pipeline.loader import ShardStream  # noqa: PLC0415
+
+    root = write_folder(tmp_path / "imgs", 24)
+    for i in range(8, 16):
+        (root / f"img-{i:03d}.txt").write_text("")  # every caption of unit 1 is empty
+    config, out = _config(root), tmp_path / "out"
+    summary = run_pipeline(config, str(out), progress=False)
+    files = _local(out)
+    assert sorted(files) == ["manifest.json", "part-000000.stats.json", "part-000000.tar", "part-000001.stats.json",
+                             "part-000002.stats.json", "part-000002.tar"]
+    assert summary.counts == {"ok": 16, "empty_caption": 8} and (summary.shards, summary.samples) == (2, 16)
+    assert [s.name for s in read_manifest(str(out)).shards] == ["part-000000.tar", "part-000002.tar"]
+    assert json.loads(files["part-000001.stats.json"])["name"] is None
+    again = run_pipeline(config, str(out), progress=False)
+    assert again.nothing_to_do and _local(out) == files
+    (out / "manifest.json").unlink()
+    (out / "part-000002.tar").unlink()
+    resumed = run_pipeline(config, str(out), progress=False)
+    assert (resumed.units_written, resumed.units_reused) == (1, 2) and _local(out) == files
+    stream = ShardStream(str(out), shuffle_buffer=0)
+    keys = [next(stream)["key"] for _ in range(16)]
+    assert sorted(keys) == [f"0000000{i:02d}" for i in range(8)] + [f"0000200{i:02d}" for i in range(8)]
+    assert stream.epoch == 0 and not stream.stats.truncated and not stream.stats.count_mismatch
+
+
+def test_resharding_reports_a_truncated_input_shard_by_name(ray_local, tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    for shard in range(2):
+        with wds.TarWriter(str(source / f"{shard:05d}.tar")) as writer:
+            for i in range(shard * 10, shard * 10 + 10):
+                writer.write({"__key__": f"{i:09d}", "jpg": jpeg(i), "txt": f"caption {i}"})
+    broken = source / "00001.tar"
+    with tarfile.open(broken) as tar:
+        members = tar.getmembers()
+    broken.write_bytes(broken.read_bytes()[:members[8].offset])  # cut between members: tarfile sees no error
+    summary = run_pipeline(_config(source), str(tmp_path / "out"), progress=False)
+    assert len(summary.input_problems) == 1 and "00001.tar" in summary.input_problems[0]
+    assert "truncated" in summary.input_problems[0] and "3 whole sample(s) used, '000000013' dropped" in summary.input_problems[0]
+    assert summary.counts == {"ok": 13, "truncated_input_shards": 1}
+    assert read_manifest(str(tmp_path / "out")).counts == summary.counts

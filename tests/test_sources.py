@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -100,6 +102,22 @@ def test_img2dataset_shards_are_enumerated_in_shard_then_member_order(tmp_path):
     assert raw.caption == "caption 3" and raw.data == jpeg(3) and raw.meta["url"] == "http://example.com/3.jpg"
     braces = open_source(SourceConfig(path=str(tmp_path) + "/{00000..00001}.tar"), 16)
     assert braces.items == source.items
+
+
+def test_truncated_input_shard_gives_its_whole_samples_and_is_named(tmp_path, caplog):
+    _img2dataset_shard(tmp_path / "00000.tar", 3)
+    _img2dataset_shard(tmp_path / "00001.tar", 4, start=3)
+    broken = tmp_path / "00001.tar"
+    with tarfile.open(broken) as tar:
+        members = tar.getmembers()  # 3 members per sample: jpg, json, txt
+    broken.write_bytes(broken.read_bytes()[:members[7].offset_data + 100])  # cut inside sample 5's json
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.sources"):
+        source = open_source(SourceConfig(path=str(tmp_path)), 16)
+    assert [key for _, key in source.items] == [f"{i:09d}" for i in range(5)]  # 5 is cut, 6 never read
+    assert len(source.problems) == 1 and str(broken) in source.problems[0] and "2 whole sample(s)" in source.problems[0]
+    assert source.problems[0] in caplog.text
+    source.loader.prepare(source.items[3:5])  # the worker reads the same whole samples
+    assert _load(source, source.items[4]).caption == "caption 4"
 
 
 def test_digits_source_fixed_captions_and_labels():
