@@ -135,7 +135,9 @@ def test_resume_equals_the_uninterrupted_run(zero_runs, stage):
     expected, got = records(straight), records(resumed)
     assert sorted(got) == [3, 4]
     for step in (3, 4):
-        for key in ("loss", "loss_gen", "loss_align", "lr", "grad_norm"):
+        # health/*: computed on every rank (ZeRO-3 gathers inside the forward) from a step-seeded generator
+        for key in ("loss", "loss_gen", "loss_align", "lr", "grad_norm", "health/query_spread",
+                    "health/prediction_spread", "health/sens_image_t999", "health/sens_noise_t500"):
             assert got[step][key] == pytest.approx(expected[step][key], abs=1e-6), (step, key)
     final = tag_for(4)
     for folder in ("model", "model-ema"):

@@ -85,6 +85,12 @@ def test_resume_from_a_mid_run_checkpoint_matches_the_uninterrupted_run(tmp_path
     trainer.train()
     assert trainer.counter.step == 6
     assert _losses(resumed) == pytest.approx(_losses(straight)[3:], abs=1e-6)
+    # the health diagnostics ran at every log step from their own generator: same numbers after resume
+    health = {run: [{k: v for k, v in json.loads(line).items() if k.startswith("health/")}
+                    for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (straight, resumed)}
+    assert len(health[straight][0]) == 7 and len(health[resumed]) == 3
+    for got, expected in zip(health[resumed], health[straight][3:]):
+        assert got == pytest.approx(expected, abs=1e-6)
     final_a = load_checkpoint(straight).model.state_dict()
     final_b = load_checkpoint(resumed).model.state_dict()
     for key in final_a:
