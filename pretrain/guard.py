@@ -66,7 +66,8 @@ class GuardConfig:
 
     def validate(self) -> None:
         if not self.spike_factor > 1.0:
-            raise ValueError(f"spike_factor={self.spike_factor} must be > 1 (a loss above spike_factor x the running median is a spike)")
+            raise ValueError(f"spike_factor={self.spike_factor} must be > 1 "
+                             "(a loss above spike_factor x the running median is a spike)")
         if self.window < 1:
             raise ValueError(f"window={self.window} must be >= 1")
         if not 1 <= self.max_bad_steps <= self.bad_window:

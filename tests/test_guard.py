@@ -10,6 +10,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -281,19 +282,37 @@ def test_repeated_faults_roll_back_and_skip_the_batches_after_the_checkpoint(tmp
     assert iterations == 16  # 12 steps + 4 lost (7 trained again, 8-10 skipped) for 3 faults
 
 
+def _cli_train(run: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``diffdis train`` in one process of its own (no --nproc)."""
+    from tests.test_distributed import ROOT, clean_env  # noqa: PLC0415
+
+    command = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(CONFIGS_DIR / "tiny.yaml"), "--out", str(run),
+               *BASE, *overrides]
+    return subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.integration
+def test_zero3_skips_bad_steps_too(tmp_path):
+    """ZeRO-3 (partitioned weights, its own overflow clean-up), 2 micro batches: the learned temperature
+    read in each forward and the LR schedule do not move across the two skipped steps."""
+    run = tmp_path / "run"
+    result = _cli_train(run, "deepspeed=zero3", "train.grad_accum=2", "train.steps=4", "train.checkpoint_every=100",
+                        "optim.warmup_steps=20", "train.guard.inject_faults=nan@2,gradnan@3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _events(run) == [(NONFINITE_LOSS, 2, "skip"), (NONFINITE_GRAD, 3, "skip")]
+    steps = _steps(run)
+    assert steps[1]["logit_scale"] != steps[2]["logit_scale"] == steps[3]["logit_scale"] == steps[4]["logit_scale"]
+    assert steps[1]["lr"] == steps[2]["lr"] == steps[3]["lr"] < steps[4]["lr"]  # 2 schedule steps in 4 steps
+    weights = load_file(str(run / "checkpoints" / tag_for(4) / "model" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
 @pytest.mark.integration
 def test_too_many_rollbacks_stop_with_exit_65(tmp_path):
     """A NaN at every batch from 5 on: skip 5, roll back at 6 to step 4, skip, then stop (no rollback left)."""
-    from tests.test_distributed import ROOT, clean_env  # noqa: PLC0415
-
     run = tmp_path / "run"
-    command = ["python", "-m", "pretrain.cli", "train", "--config", str(CONFIGS_DIR / "tiny.yaml"), "--out", str(run),
-               *BASE, "train.steps=20", "train.checkpoint_every=2", "train.guard.bad_window=4", "train.guard.max_bad_steps=2",
-               "train.guard.max_rollbacks=1", "train.guard.inject_faults=nan@5+"]
-    import sys  # noqa: PLC0415
-
-    command[0] = sys.executable
-    result = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    result = _cli_train(run, "train.steps=20", "train.checkpoint_every=2", "train.guard.bad_window=4",
+                        "train.guard.max_bad_steps=2", "train.guard.max_rollbacks=1", "train.guard.inject_faults=nan@5+")
     assert result.returncode == DIVERGED_EXIT_CODE == 65, result.stderr[-3000:]
     assert "training diverged at step 6: nonfinite_loss" in result.stderr
     assert "train.guard.max_rollbacks=1" in result.stderr and "exiting with 65" in result.stderr
