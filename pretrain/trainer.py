@@ -28,13 +28,14 @@ from pretrain.checkpoint_store import CheckpointStore
 from pretrain.config import RunConfig
 from pretrain.config_io import dump_yaml
 from pretrain.data import make_batch, make_train_stream, prepare_tokenizer
-from pretrain.diffusion import DiffDisObjective
 from pretrain.ema import EMA, full_state_dict
 from pretrain.engine import detect_runtime, initialize_engine, micro_batch_size
-from pretrain.model import DiffDisModel, TokenizerSpec
+from pretrain.model import ClipModel, DiffDisModel, TokenizerSpec, build_model
 from pretrain.model.diffdis import WEIGHTS_NAME
+from pretrain.model.factory import set_activation_checkpointing
 from pretrain.model.tokenizer import special_token_ids
 from pretrain.monitor import Monitor
+from pretrain.objectives import build_objective
 
 log = logging.getLogger("diffdis.train")
 EMA_FOLDER = "model-ema"
@@ -93,9 +94,9 @@ class Trainer:
         self.resume_source = checkpoint_source(resume, self.store)
         saved_world = read_marker(*self.resume_source)["world_size"] if self.resume_source else self.dist.world_size
         self.tokenizer = prepare_tokenizer(config, self.run_dir)
-        model = DiffDisModel(config.model, tokenizer_spec(self.tokenizer))
-        model.unet.gradient_checkpointing = config.train.activation_checkpointing
-        objective = DiffDisObjective(model, config.diffusion, config.loss, self.dist.rank, self.dist.world_size)
+        model = build_model(config.model, tokenizer_spec(self.tokenizer))  # model.family: DiffDis or CLIP
+        set_activation_checkpointing(model, config.train.activation_checkpointing)
+        objective = build_objective(model, config, self.dist.rank, self.dist.world_size)
         self.engine = initialize_engine(objective, config, self.dist, self.runtime,
                                         load_universal=saved_world != self.dist.world_size)
         self.ema = EMA(self.model, config.train.ema_decay, keep=self.dist.is_main) if config.train.ema_decay > 0 else None
@@ -117,7 +118,7 @@ class Trainer:
         self.preempted = False
 
     @property
-    def model(self) -> DiffDisModel:
+    def model(self) -> DiffDisModel | ClipModel:
         return self.engine.module.model
 
     @property
