@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     export = sub.add_parser("export", help="consolidate a checkpoint into an inference folder (safetensors)",
-                            description="Write one folder that DiffDisModel.from_pretrained loads without DeepSpeed: "
+                            description="Write one folder that pretrain.model.load_pretrained loads without DeepSpeed: "
                             "model.safetensors (the EMA weights when the run kept them; --no-ema for the trained "
                             "weights, consolidated from the ZeRO shards), config.json, tokenizer/ and the run's config.yaml. "
                             "Prints a JSON summary as the last line.")

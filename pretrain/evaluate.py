@@ -20,13 +20,13 @@ from pretrain.checkpoint import COMPLETE, is_complete, latest_complete, step_of
 from pretrain.config import RunConfig
 from pretrain.config_io import load_config
 from pretrain.inference import class_queries, image_queries, retrieval, sample_images, topk_accuracy, zero_shot_classify
-from pretrain.model import DiffDisModel
+from pretrain.model import ClipModel, DiffDisModel, load_pretrained
 from pretrain.model.tokenizer import load_tokenizer
 
 
 @dataclass
 class LoadedCheckpoint:
-    model: DiffDisModel
+    model: DiffDisModel | ClipModel
     tokenizer: object
     config: RunConfig
     step: int | None
@@ -72,7 +72,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_em
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing from checkpoint {directory}")
     folder = model_folder(directory, use_ema)
-    model = DiffDisModel.from_pretrained(folder, map_location=device).eval()
+    model = load_pretrained(folder, map_location=device).eval()  # DiffDis or CLIP, from its config.json
     tokenizer = load_tokenizer(folder / "tokenizer")
     return LoadedCheckpoint(model, tokenizer, load_config(RunConfig, config_file), step_of(directory), directory)
 
@@ -139,6 +139,8 @@ def evaluate(loaded: LoadedCheckpoint, task: str, steps: int | None = None, guid
         metrics = retrieval(loaded.model, loaded.tokenizer, pixels, captions, **common)
     else:
         raise ValueError(f"unknown eval task {task!r}: expected zeroshot or retrieval")
+    if loaded.model.config.family == "clip":  # no query chain: the image tower's embeddings are scored
+        steps = guidance = None
     return {"task": task, "eval_set": eval_set, **metrics, "ddim_steps": steps, "guidance": guidance, "checkpoint_step": loaded.step,
             "checkpoint": str(loaded.path)}
 

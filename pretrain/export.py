@@ -1,7 +1,7 @@
 """``diffdis export``: one checkpoint → one folder for inference without DeepSpeed.
 
-The folder is what ``DiffDisModel.from_pretrained`` reads (``config.json``, ``model.safetensors``),
-plus ``tokenizer/`` and the run's ``config.yaml`` (so ``diffdis eval``/``sample`` take it too).
+The folder is what ``pretrain.model.load_pretrained`` reads (``config.json``, which names the model
+family, DiffDis or the CLIP baseline, and ``model.safetensors``), plus ``tokenizer/`` and the run's ``config.yaml`` (so ``diffdis eval``/``sample`` take it too).
 Weights: the EMA average by default when the run kept one (``train.ema_decay > 0``); otherwise, or
 with ``use_ema=False``, the trained weights consolidated from the ZeRO shards by DeepSpeed's
 ``get_fp32_state_dict_from_zero_checkpoint`` (exact for stages 1-3, whatever the world size).
@@ -22,12 +22,13 @@ from pretrain.checkpoint import COMPLETE, read_marker
 from pretrain.checkpoint_store import CheckpointStore
 from pretrain.evaluate import EMA_FOLDER, resolve_checkpoint
 from pretrain.model.diffdis import CONFIG_NAME, WEIGHTS_NAME
+from pretrain.model.factory import saved_family
 
-MODEL_PREFIX = "model."  # the engine wraps DiffDisObjective; its .model is the DiffDisModel
+MODEL_PREFIX = "model."  # the engine wraps the objective (DiffDis or CLIP); its .model is the model
 
 
 def consolidated_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """The trained weights of the DiffDisModel in a checkpoint, as full fp32 tensors."""
+    """The trained weights of the model (DiffDis or CLIP) in a checkpoint, as full fp32 tensors."""
     marker = json.loads((directory / COMPLETE).read_text())
     if int(marker.get("zero_stage", 0)) == 0:  # no ZeRO partitions: the model folder holds them whole
         return load_file(str(directory / "model" / WEIGHTS_NAME))
@@ -62,6 +63,7 @@ def export_checkpoint(source: str | Path, out: str | Path, use_ema: bool = True)
         if (directory / WEIGHTS_NAME).is_file():
             raise ValueError(f"{directory} is already an exported folder")
         base_folder = directory / "model"
+        family = saved_family(base_folder)
         base = load_file(str(base_folder / WEIGHTS_NAME))
         if use_ema and (directory / EMA_FOLDER / WEIGHTS_NAME).is_file():
             weights, kind = load_file(str(directory / EMA_FOLDER / WEIGHTS_NAME)), "ema"
@@ -78,4 +80,5 @@ def export_checkpoint(source: str | Path, out: str | Path, use_ema: bool = True)
         shutil.copytree(base_folder / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
         shutil.copyfile(directory / "config.yaml", out / "config.yaml")
         step = json.loads((directory / COMPLETE).read_text())["step"] if (directory / COMPLETE).is_file() else None
-    return {"out": str(out), "checkpoint": str(source), "weights": kind, "step": step, "tensors": len(weights)}
+    return {"out": str(out), "checkpoint": str(source), "family": family, "weights": kind, "step": step,
+            "tensors": len(weights)}

@@ -5,6 +5,9 @@
   null latent), the final ê_0 normalised. One reverse chain per image, whatever the number of classes.
 - Zero-shot classification scores ê_0 against per-class prompt-ensemble queries; retrieval ranks
   ê_0 against every caption's query both ways.
+The CLIP baseline (``model.family=clip``, :class:`ClipModel`) goes through the same functions: its image
+queries are the image tower's unit embeddings (no chain; ``steps``/``guidance`` are ignored), and it
+cannot sample images.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.diffusion import DiffusionConfig, ddim_sampler, query_to_diffusion_space
-from pretrain.model import DiffDisModel
+from pretrain.model import ClipModel, DiffDisModel
 from pretrain.model.tokenizer import tokenize
 
 
@@ -23,12 +26,16 @@ def _guided(conditional: torch.Tensor, unconditional: torch.Tensor | None, guida
     return conditional if unconditional is None else (1 + guidance) * conditional - guidance * unconditional
 
 
-def _device(model: DiffDisModel) -> torch.device:
-    return next(model.unet.parameters()).device
+def _device(model: DiffDisModel | ClipModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _is_clip(model: DiffDisModel | ClipModel) -> bool:
+    return model.config.family == "clip"
 
 
 @torch.no_grad()
-def encode_captions(model: DiffDisModel, tokenizer, captions: Sequence[str], batch_size: int = 256):
+def encode_captions(model: DiffDisModel | ClipModel, tokenizer, captions: Sequence[str], batch_size: int = 256):
     """Text features (condition c, unit query e) of ``captions``, batched."""
     device = _device(model)
     conditions, queries = [], []
@@ -51,6 +58,9 @@ def sample_images(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Generate one image per prompt; pixels in [-1, 1], shape (B, C, H, W)."""
+    if _is_clip(model):
+        raise ValueError("this model is a CLIP baseline (model.family=clip): it has no image generator to "
+                         "sample from; evaluate it with `diffdis eval --task zeroshot` or `--task retrieval`")
     device = _device(model)
     condition, _ = encode_captions(model, tokenizer, prompts)
     batch = condition.shape[0]
@@ -103,7 +113,7 @@ def predict_queries(
 
 @torch.no_grad()
 def image_queries(
-    model: DiffDisModel,
+    model: DiffDisModel | ClipModel,
     pixels: torch.Tensor,
     diffusion: DiffusionConfig,
     steps: int = 10,
@@ -111,18 +121,22 @@ def image_queries(
     batch_size: int = 256,
     seed: int = 0,
 ) -> torch.Tensor:
-    """ê_0 for every image in ``pixels`` (N, C, H, W) in [-1, 1], batched, seeded."""
+    """ê_0 for every image in ``pixels`` (N, C, H, W) in [-1, 1], batched, seeded. For a CLIP model:
+    the image tower's unit embeddings (deterministic; no chain, so ``steps``/``guidance`` are unused)."""
     device = _device(model)
     generator = torch.Generator().manual_seed(seed)
     outputs = []
     for start in range(0, pixels.shape[0], batch_size):
+        if _is_clip(model):
+            outputs.append(model.embed_images(pixels[start : start + batch_size].to(device)))
+            continue
         latents = model.encode_images(pixels[start : start + batch_size].to(device))
         outputs.append(predict_queries(model, latents, diffusion, steps, guidance, generator))
     return torch.cat(outputs)
 
 
 @torch.no_grad()
-def class_queries(model: DiffDisModel, tokenizer, prompts_per_class: Sequence[Sequence[str]]) -> torch.Tensor:
+def class_queries(model: DiffDisModel | ClipModel, tokenizer, prompts_per_class: Sequence[Sequence[str]]) -> torch.Tensor:
     """One unit query per class: the mean of its prompts' queries (CLIP prompt ensembling), renormalised."""
     flat = [prompt for prompts in prompts_per_class for prompt in prompts]
     _, queries = encode_captions(model, tokenizer, flat)
@@ -143,7 +157,7 @@ def recall_at_k(similarity: torch.Tensor, k: int) -> float:
 
 @torch.no_grad()
 def zero_shot_classify(
-    model: DiffDisModel,
+    model: DiffDisModel | ClipModel,
     tokenizer,
     pixels: torch.Tensor,
     labels: torch.Tensor,
@@ -162,7 +176,7 @@ def zero_shot_classify(
 
 @torch.no_grad()
 def retrieval(
-    model: DiffDisModel,
+    model: DiffDisModel | ClipModel,
     tokenizer,
     pixels: torch.Tensor,
     captions: Sequence[str],

@@ -39,10 +39,12 @@ from pretrain.diffusion import DiffDisObjective
 from pretrain.ema import EMA, full_state_dict
 from pretrain.engine import detect_runtime, initialize_engine, micro_batch_size
 from pretrain.guard import NONFINITE_GRAD, Event, Fault, FaultInjector, TrainingDivergedError, TrainingGuard, corrupt, poisoned
-from pretrain.model import DiffDisModel, TokenizerSpec
+from pretrain.model import ClipModel, DiffDisModel, TokenizerSpec, build_model
 from pretrain.model.diffdis import WEIGHTS_NAME
+from pretrain.model.factory import set_activation_checkpointing
 from pretrain.model.tokenizer import special_token_ids
 from pretrain.monitor import Monitor
+from pretrain.objectives import build_objective
 
 log = logging.getLogger("diffdis.train")
 EMA_FOLDER = "model-ema"
@@ -104,9 +106,9 @@ class Trainer:
         self.resume_source = checkpoint_source(resume, self.store)
         saved_world = read_marker(*self.resume_source)["world_size"] if self.resume_source else self.dist.world_size
         self.tokenizer = prepare_tokenizer(config, self.run_dir)
-        model = DiffDisModel(config.model, tokenizer_spec(self.tokenizer))
-        model.unet.gradient_checkpointing = config.train.activation_checkpointing
-        objective = DiffDisObjective(model, config.diffusion, config.loss, self.dist.rank, self.dist.world_size)
+        model = build_model(config.model, tokenizer_spec(self.tokenizer))  # model.family: DiffDis or CLIP
+        set_activation_checkpointing(model, config.train.activation_checkpointing)
+        objective = build_objective(model, config, self.dist.rank, self.dist.world_size)
         self.engine = initialize_engine(objective, config, self.dist, self.runtime,
                                         load_universal=saved_world != self.dist.world_size)
         self.ema = EMA(self.model, config.train.ema_decay, keep=self.dist.is_main) if config.train.ema_decay > 0 else None
@@ -134,7 +136,7 @@ class Trainer:
         self.collapsed = False  # the last health verdict: warn once per collapse episode
 
     @property
-    def model(self) -> DiffDisModel:
+    def model(self) -> DiffDisModel | ClipModel:
         return self.engine.module.model
 
     @property
@@ -279,7 +281,9 @@ class Trainer:
         parameters inside them); the numbers are each rank's own, rank 0's are logged. Random numbers
         come from a generator seeded by the step, never the global RNG, so exact resume is unaffected."""
         health = self.config.health
-        if (not health.enabled or self.last_batch is None or not self.engine.module.has_alignment
+        objective = self.engine.module  # the CLIP baseline has no query diffusion to diagnose
+        if (not health.enabled or self.last_batch is None or not isinstance(objective, DiffDisObjective)
+                or not objective.has_alignment
                 or (health.every is not None and step % health.every)):
             return {}
         batch = {k: v.to(self.runtime.device) for k, v in self.last_batch.items()}

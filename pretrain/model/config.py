@@ -1,4 +1,4 @@
-"""Typed configuration of the DiffDis model (architecture only; nothing about training)."""
+"""Typed configuration of the DiffDis model and the CLIP baseline (architecture only; nothing about training)."""
 
 from __future__ import annotations
 
@@ -84,11 +84,41 @@ class UNetConfig:
 
 
 @dataclass
+class ClipVisionConfig:
+    """The image tower of the CLIP baseline (``model.family=clip``): transformers' ViT
+    (``CLIPVisionModelWithProjection``, random init) on pixels, projected to the text query width.
+
+    The defaults (width 128, 4 layers, 4 heads of 32, MLP 448) give ~0.74M parameters, about the
+    0.73M of the tiny DiffDis model's discriminative path (joint stream + text stream + head), so the
+    comparison is at a like-for-like budget. ``patch_size`` must divide ``model.image_size``; 2 keeps
+    16 patches at 8x8 and 64 at 16x16.
+    """
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 448
+    patch_size: int = 2
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.clip.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.clip.{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass
 class ModelConfig:
     """Everything needed to rebuild the network. ``generation``/``discrimination`` select the streams:
     both for DiffDis, ``discrimination=False`` for the gen-only baseline (no text stream, no head),
-    ``generation=False`` for the dis-only baseline (no decoder path)."""
+    ``generation=False`` for the dis-only baseline (no decoder path).
 
+    ``family`` selects the network: ``diffdis`` (autoencoder + text encoder + dual-stream UNet) or
+    ``clip``, the contrastive baseline (the same text encoder + the ViT of ``clip``; ``unet``,
+    ``autoencoder``, ``generation`` and ``discrimination`` are then unused)."""
+
+    family: Literal["diffdis", "clip"] = "diffdis"
     image_size: int = 16
     image_channels: int = 3
     generation: bool = True
@@ -96,18 +126,24 @@ class ModelConfig:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    clip: ClipVisionConfig = field(default_factory=ClipVisionConfig)
 
     def validate(self) -> None:
         if not (self.generation or self.discrimination):
             raise ValueError("at least one of model.generation / model.discrimination must be true")
+        if self.family == "clip" and self.image_size % self.clip.patch_size:
+            raise ValueError(
+                f"model.clip.patch_size={self.clip.patch_size} does not divide model.image_size={self.image_size}"
+            )
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:
     """Rebuild a saved ModelConfig (the model package reads no config files; the run config loader
     with its strict checks lives in ``pretrain.config_io``)."""
     return ModelConfig(
-        **{k: v for k, v in data.items() if k not in ("autoencoder", "text_encoder", "unet")},
+        **{k: v for k, v in data.items() if k not in ("autoencoder", "text_encoder", "unet", "clip")},
         autoencoder=AutoencoderConfig(**data.get("autoencoder", {})),
         text_encoder=TextEncoderConfig(**data.get("text_encoder", {})),
         unet=UNetConfig(**data.get("unet", {})),
+        clip=ClipVisionConfig(**data.get("clip", {})),
     )

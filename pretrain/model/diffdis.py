@@ -33,6 +33,9 @@ class DiffDisModel(nn.Module):
         vae_config: dict | None = None,
     ):
         super().__init__()
+        if config.family != "diffdis":  # e.g. a CLIP folder: pretrain.model.factory builds either
+            raise ValueError(f"DiffDisModel needs model.family=diffdis, got {config.family!r} "
+                             "(load it with pretrain.model.factory.load_pretrained)")
         self.config = config
         self.tokens = tokens
         self.autoencoder = build_autoencoder(config.autoencoder, config.image_channels, vae_config)
