@@ -31,6 +31,7 @@ from benchmarks.bench_step import build, count_flops, make_batch  # noqa: E402
 from cluster.env import free_port  # noqa: E402
 from pretrain.engine import (  # noqa: E402
     Runtime, build_optimizer, deepspeed_config, default_extensions_dir, register_external_parameters,
+    shutdown_distributed,
 )
 
 MODES = ["ddp", "zero1", "zero2", "zero3"]
@@ -117,6 +118,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
             rows[f"{size}/{mode}"] = time_mode(mode, size, args.batch, args.iterations, rank, world, device)
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
+    shutdown_distributed()
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from pretrain.launch import launch_local  # noqa: PLC0415
 
         return launch_local(args.nproc, _without_nproc(args.argv))
+    from pretrain.engine import shutdown_distributed  # noqa: PLC0415
     from pretrain.guard import DIVERGED_EXIT_CODE, TrainingDivergedError  # noqa: PLC0415
     from pretrain.trainer import Trainer  # noqa: PLC0415
 
@@ -50,10 +51,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         if trainer.dist.is_main:
             print(f"diffdis train: error: {error}; exiting with {DIVERGED_EXIT_CODE}", file=sys.stderr)
         return DIVERGED_EXIT_CODE
-    if trainer.preempted:
+    preempted, is_main = trainer.preempted, trainer.dist.is_main
+    trainer.engine.destroy()
+    del trainer  # the engine holds DeepSpeed's process groups: drop it before they are destroyed
+    shutdown_distributed()
+    if preempted:
         print(f"preempted: checkpoint {last}; exiting with {REQUEUE_EXIT_CODE} (requeue, then --resume auto)")
         return REQUEUE_EXIT_CODE
-    if trainer.dist.is_main:
+    if is_main:
         print(f"run directory: {args.out}\nlatest checkpoint: {last}")
     return 0
 

@@ -1,8 +1,9 @@
 """The one place the model meets DeepSpeed: device/precision/backend from the environment, the
-optimizer and LR schedule, and ``deepspeed.initialize``."""
+optimizer and LR schedule, ``deepspeed.initialize``, and the teardown of torch.distributed."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -133,6 +134,31 @@ def initialize_engine(module: nn.Module, config: RunConfig, dist_env: DistEnv, r
     if config.deepspeed.zero_stage == 3:
         register_external_parameters(module)
     return engine
+
+
+def shutdown_distributed() -> None:
+    """Destroy every process group while the interpreter is still fully alive. Call it on every rank
+    after a run that ended normally (not after an exception: a rank still inside a collective would
+    wait for the others), once the last reference to the engine is dropped.
+
+    Why: gloo frees a process group, and joins its worker threads, only when the last reference to
+    it goes. Left to interpreter exit, a worker thread still releasing a finished collective's Python
+    tensors takes the GIL during finalisation and kills the process with SIGABRT ("terminate called
+    without an active exception"). DeepSpeed holds its groups in the engine (every parameter's
+    ``_dp_group``), freed by the garbage collection below, and in module globals, released by
+    ``deepspeed.comm.destroy_process_group``. (Under ZeRO-3 DeepSpeed's hooks keep the engine alive,
+    so its groups stay, idle, until exit.)
+    """
+    if not torch.distributed.is_initialized():
+        return
+    gc.collect()
+    import deepspeed.comm  # noqa: PLC0415 - heavy import, only for training
+
+    if deepspeed.comm.is_initialized():  # started by deepspeed.init_distributed (initialize_engine)
+        deepspeed.comm.destroy_process_group()
+    else:
+        torch.distributed.destroy_process_group()
+    gc.collect()
 
 
 def register_external_parameters(objective: nn.Module) -> None:

@@ -17,14 +17,46 @@ from torch import nn
 def gather_with_grad(features: torch.Tensor, world_size: int) -> torch.Tensor:
     """All ranks' ``features`` concatenated in rank order, differentiable w.r.t. every rank's slice.
 
-    ``torch.distributed.nn.functional.all_gather`` backpropagates by reduce-scattering the gradients,
-    so rank r's features receive the gradient of every rank's loss terms that used them.
+    The backward reduce-scatters (sums) the gradient of the gathered tensor, so rank r's features
+    receive the gradient of every rank's loss terms that used them. All ranks must pass the same
+    shape (the micro batch is the same on every rank).
     """
     if world_size == 1:
         return features
-    from torch.distributed.nn.functional import all_gather  # noqa: PLC0415 - needs an initialised group
+    actual = dist.get_world_size()
+    if world_size != actual:
+        raise ValueError(f"gather_with_grad: world_size={world_size} but the default process group has {actual} ranks")
+    return _GatherRows.apply(features)
 
-    return torch.cat(all_gather(features.contiguous()), dim=0)
+
+# torch 2.13 renamed the single-tensor collectives (the old names warn); the bootstrap pins 2.13
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 on the default group; backward: reduce-scatter with SUM.
+
+    Replaces ``torch.distributed.nn.functional.all_gather`` (deprecated), which, imported after
+    ``init_process_group``, pins the default group in its ``group=group.WORLD`` defaults: then
+    ``destroy_process_group`` cannot free it and gloo's worker threads outlive the interpreter (see
+    ``pretrain.engine.shutdown_distributed`` for why that aborts processes). This holds no group,
+    and its backward is one reduce-scatter instead of gloo's emulated all-to-all.
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor) -> torch.Tensor:  # noqa: ARG004 - autograd's signature
+        features = features.contiguous()
+        gathered = features.new_empty((dist.get_world_size() * features.shape[0], *features.shape[1:]))
+        _all_gather_single(gathered, features)
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        grad = grad.contiguous()
+        local = grad.new_empty((grad.shape[0] // dist.get_world_size(), *grad.shape[1:]))
+        _reduce_scatter_single(local, grad, op=dist.ReduceOp.SUM)
+        return local
 
 
 def symmetric_info_nce(

@@ -1,10 +1,13 @@
 """Global-batch InfoNCE: 2 gloo processes, each scoring its half of the batch against the gathered
 features, give the 1-process loss on the whole batch and (after averaging gradients over ranks, as
-data-parallel training does) the same gradients."""
+data-parallel training does) the same gradients. And the gather leaves nothing behind that keeps the
+process group (and gloo's threads) alive past ``destroy_process_group``."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +68,30 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
         for got_grad, expected_grad in zip(got["grads"], expected_grads):
             torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-6)
     assert expected_grads[-1].abs() > 0  # the temperature gets a gradient too
+
+
+def gloo_threads() -> int:
+    """gloo's worker threads in this process (torch names them ``pt_gloo_runloop``)."""
+    return sum((task / "comm").read_text().strip() == "pt_gloo_runloop" for task in Path("/proc/self/task").iterdir())
+
+
+def teardown_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        loss_and_grads(rank, WORLD)  # gathers forward, reduce-scatters backward
+        during = gloo_threads()
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"threads{rank}.json").write_text(json.dumps({"during": during, "after": gloo_threads()}))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc (Linux)")
+def test_destroy_process_group_joins_gloo_threads_after_the_gather(tmp_path):
+    """The deprecated ``torch.distributed.nn`` gather pinned the default group, so gloo's threads lived
+    into interpreter exit, where one could abort the process (1 run in ~7 of the test above)."""
+    mp.spawn(teardown_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        threads = json.loads((tmp_path / f"threads{rank}.json").read_text())
+        assert threads["during"] > 0, threads  # the thread name is still torch's
+        assert threads["after"] == 0, threads

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Soak the multi-process code paths (not in CI): every test file that starts several processes
+# (mp.spawn, `--nproc`), SOAK_RUNS times in a row each, then a 2-process tiny training run
+# (`diffdis train --nproc 2`) SOAK_RUNS times. Stops at the first failure and keeps its log.
+# Prints passes/runs per item and, as the last line, one JSON object with the figures.
+#
+#   SOAK_RUNS=5 bash scripts/soak.sh            # default 50 runs of each
+#   SOAK_TESTS="tests/test_distributed_loss.py" SOAK_TRAIN_RUNS=10 bash scripts/soak.sh
+#
+# Environment: SOAK_RUNS (50), SOAK_TESTS (files; default: found by grep), SOAK_TRAIN_RUNS
+# (SOAK_RUNS; 0 skips training), SOAK_TRAIN_STEPS (4), SOAK_LOG_DIR (a new temporary folder),
+# SOAK_NICE (15; every run is niced), PYTHON (.venv/bin/python).
+# Why: teardown races (e.g. gloo threads alive at interpreter exit, docs/design-notes.md) fail
+# about 1 run in 7 or rarer; one green CI run says little, 50 in a row say a lot.
+set -uo pipefail
+nice_level=${SOAK_NICE:-15}
+if [ -z "${SOAK_NICED:-}" ]; then  # everything below, and every process it starts, runs niced
+    SOAK_NICED=1 exec nice -n "$nice_level" bash "${BASH_SOURCE[0]}" "$@"
+fi
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+python=${PYTHON:-$root/.venv/bin/python}
+runs=${SOAK_RUNS:-50}
+train_runs=${SOAK_TRAIN_RUNS:-$runs}
+train_steps=${SOAK_TRAIN_STEPS:-4}
+logs=${SOAK_LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/diffdis-soak.XXXXXX")}
+mkdir -p "$logs"
+[ -x "$python" ] || { echo "soak.sh: no Python at $python (run scripts/bootstrap.sh or set PYTHON)" >&2; exit 2; }
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, also in spawned processes
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$(dirname "$(dirname "$python")")/torch_extensions}"
+if [ -n "${SOAK_TESTS:-}" ]; then
+    read -r -a tests <<< "$SOAK_TESTS"
+else  # the tests that start more than one process: torch's mp.spawn or the launcher's --nproc
+    mapfile -t tests < <(grep -lE 'mp\.spawn\(|"--nproc"|train_command\(' tests/test_*.py | sort)
+fi
+
+names=() passes=() tried=() failed_json=null started=$SECONDS
+summary() {
+    local json="{\"runs_per_item\": $runs, \"seconds\": $((SECONDS - started)), \"log_dir\": \"$logs\", \"items\": {"
+    echo "soak summary (passes/runs):"
+    for i in "${!names[@]}"; do
+        echo "  ${names[$i]}: ${passes[$i]}/${tried[$i]}"
+        json+="$([ "$i" -gt 0 ] && echo ", ")\"${names[$i]}\": {\"passes\": ${passes[$i]}, \"runs\": ${tried[$i]}}"
+    done
+    echo "$json}, \"first_failure\": $failed_json}"
+}
+
+# soak NAME COUNT COMMAND...: run COMMAND COUNT times; 0 when all passed, 1 at the first failure
+soak() {
+    local name=$1 count=$2 index=${#names[@]} run log
+    shift 2
+    names+=("$name") passes+=(0) tried+=(0)
+    for ((run = 1; run <= count; run++)); do
+        log="$logs/$(printf '%s' "$name" | tr -c 'A-Za-z0-9_.-' '_')-$run.log"
+        tried[index]=$run
+        if "$@" > "$log" 2>&1; then
+            passes[index]=$run
+            rm -f "$log"
+            echo "  $name: run $run/$count passed ($((SECONDS - started)) s since start)" >&2
+        else
+            echo "FAILED: $name, run $run of $count (exit $?); log kept: $log" >&2
+            tail -n 30 "$log" >&2
+            failed_json="{\"item\": \"$name\", \"run\": $run, \"log\": \"$log\"}"
+            return 1
+        fi
+    done
+    echo "$name: ${passes[index]}/$count passed" >&2
+}
+
+train() {  # one fresh 2-process run of the tiny config (`diffdis train` is `python -m pretrain.cli train`)
+    rm -rf "$logs/train-run"
+    "$python" -m pretrain.cli train --nproc 2 --config configs/tiny.yaml --out "$logs/train-run" \
+        "train.steps=$train_steps" train.batch_size=8 "train.checkpoint_every=$train_steps" train.log_every=1
+}
+
+echo "soak: $runs runs of ${tests[*]}; $train_runs 2-process training runs ($train_steps steps); logs in $logs" >&2
+status=0
+for test in "${tests[@]}"; do
+    soak "$test" "$runs" "$python" -m pytest -x -q -p no:cacheprovider "$test" || { status=1; break; }
+done
+if [ "$status" -eq 0 ] && [ "$train_runs" -gt 0 ]; then
+    soak "diffdis train --nproc 2" "$train_runs" train || status=1
+fi
+rm -rf "$logs/train-run"
+summary
+exit "$status"
