@@ -293,6 +293,10 @@ def print_tables(summary: dict[str, dict], runs: list[dict], judge_accuracy: dic
         for key, entry in generating.items():
             print(f"{key:<18}{_spread(entry.get('l_ig'), 4):>28}{_spread(entry.get('pf_train_style')):>28}"
                   f"{_spread(entry.get('pf_unseen')):>28}")
+            for head in ("shape", "colour"):  # scenes: each attribute judged alone (the row above: both right)
+                if f"pf_train_style_{head}" in entry:
+                    print(f"{'  ' + head:<18}{'':>28}{_spread(entry.get(f'pf_train_style_{head}')):>28}"
+                          f"{_spread(entry.get(f'pf_unseen_{head}')):>28}")
         for dataset, accuracy in judge_accuracy.items():
             print(f"judge ({dataset}): {accuracy:.3f} on real held-out images; chance = 1 / classes")
     print("\nruns")
@@ -337,7 +341,14 @@ def main(argv: list[str] | None = None) -> int:
         dataset = DATASETS[dataset_name]
         shards = args.out / "shards" / dataset_name
         shard_started = time.perf_counter()
-        made = run_pipeline(load_config(ShardConfig, dataset.shard_config), str(shards), progress=False)
+        try:
+            made = run_pipeline(load_config(ShardConfig, dataset.shard_config), str(shards), progress=False)
+        except Exception as error:  # noqa: BLE001 - e.g. Ray failed to start: the other datasets still run
+            traceback.print_exc()
+            message = f"sharding {dataset.shard_config.relative_to(ROOT)} failed: {str(error).splitlines()[0]}"
+            failed += [{"dataset": dataset_name, "model": m, "seed": s, "error": message} for s in seeds for m in models]
+            runs += failed[-len(seeds) * len(models):]
+            continue
         shard_s[dataset_name] = round(time.perf_counter() - shard_started, 1)
         print(f"{dataset_name}: {made.samples} samples in {made.shards} shards at {shards} ({shard_s[dataset_name]} s)",
               flush=True)
