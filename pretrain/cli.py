@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="evaluate one checkpoint", formatter_class=fmt,
                               description="Evaluate a checkpoint (or a run's newest complete one) on held-out data.\n"
-                              "  zeroshot : top-1/top-5 from the image-conditioned text-query chain vs class prompt ensembles\n"
+                              "  zeroshot : top-1/top-5 from the image-conditioned text-query chain (a CLIP model: its image\n"
+                              "             embeddings) vs class prompt ensembles\n"
                               "  retrieval: image->text and text->image recall@1/5/10\n"
                               "  sample   : a grid of generated images (--prompt, --out)")
     evaluate.add_argument("checkpoint", type=Path, metavar="RUN_OR_CHECKPOINT")

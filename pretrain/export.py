@@ -1,7 +1,8 @@
 """``diffdis export``: one checkpoint → one folder for inference without DeepSpeed.
 
 The folder is what ``pretrain.model.load_pretrained`` reads (``config.json``, which names the model
-family, DiffDis or the CLIP baseline, and ``model.safetensors``), plus ``tokenizer/`` and the run's ``config.yaml`` (so ``diffdis eval``/``sample`` take it too).
+family, DiffDis or the CLIP baseline, and ``model.safetensors``), plus ``tokenizer/`` and the run's
+``config.yaml`` (so ``diffdis eval``/``sample`` take it too).
 Weights: the EMA average by default when the run kept one (``train.ema_decay > 0``); otherwise, or
 with ``use_ema=False``, the trained weights consolidated from the ZeRO shards by DeepSpeed's
 ``get_fp32_state_dict_from_zero_checkpoint`` (exact for stages 1-3, whatever the world size).
