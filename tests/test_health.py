@@ -38,7 +38,7 @@ def health_at_init(make_model, tiny_config, encode, digits_batch):
         pixels, captions = digits_batch
         with torch.no_grad():
             latents, text = model.encode_images(pixels), model.encode_text(**encode(captions))
-        return training_health(model, latents, text, DiffusionConfig(), HealthConfig(timesteps=TIMESTEPS),
+        return training_health(model, latents, text, DiffusionConfig(), HealthConfig(timesteps=TIMESTEPS, max_samples=64),
                                torch.Generator().manual_seed(0))
 
     return run
