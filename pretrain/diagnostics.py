@@ -31,12 +31,13 @@ PREFIX = "health/"
 class HealthConfig:
     """``health.*``: the diagnostics the trainer computes at log steps (alignment runs only).
 
-    Cost: 1 + 2·len(timesteps) forwards of the alignment pass (no decoder, no grad) on at most
-    ``max_samples`` samples of the current micro batch, every ``every`` optimizer steps."""
+    Cost: 3 forwards of the alignment pass (no decoder, no grad) per entry of ``timesteps`` (+1 when
+    ``spread_timestep`` is not among them) on at most ``max_samples`` samples of the current micro batch:
+    6 by default, at log steps only."""
 
     enabled: bool = True
-    every: int | None = None  # optimizer steps between diagnostics; None = train.log_every
-    max_samples: int = 64  # samples of the micro batch used (pairwise means do not need more)
+    every: int | None = None  # only at log steps that are multiples of this; None = at every log step
+    max_samples: int = 32  # samples of the micro batch used (cost ∝ this; pairwise means need no more)
     # t_e at which the image/noise sensitivities are measured; the highest also judges "ignores image"
     timesteps: list[int] = field(default_factory=lambda: [999, 500])
     spread_timestep: int | None = None  # t_e for prediction_spread; None = T−1 (pure noise: all from the image)

@@ -29,7 +29,8 @@ def _losses(run_dir):
 def trained(tmp_path_factory):
     """A tiny model trained briefly; shared by the tests that need one."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    config = load_run_config(CONFIGS_DIR / "demo.yaml", ["train.log_every=1", "train.steps=120", "train.checkpoint_every=60"])
+    config = load_run_config(CONFIGS_DIR / "demo.yaml", ["train.log_every=1", "train.steps=120", "train.checkpoint_every=60",
+                                                          "health.every=10"])  # diagnostics cost ~1/4 step
     trainer = Trainer(config, run_dir)
     trainer.train()
     return trainer, run_dir
@@ -41,6 +42,14 @@ def test_loss_goes_down(trained):
     assert len(losses) == 120
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.8 * first, (first, last)
+
+
+def test_the_shipped_recipe_stays_healthy(trained):
+    _, run_dir = trained
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    health = [r for r in records if "health/collapsed" in r]
+    assert [r["step"] for r in health] == list(range(10, 121, 10))
+    assert [r["health/collapsed"] for r in health] == [0] * 12, health
 
 
 def test_checkpoints_are_complete_and_latest_points_at_the_newest(trained):
