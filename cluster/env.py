@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 from dataclasses import dataclass
 
@@ -21,9 +22,38 @@ class DistEnv:
         return self.rank == 0
 
 
-def free_port() -> int:
-    """A TCP port free on the loopback interface right now."""
-    with socket.socket() as sock:
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+LISTEN_PORT_FLOOR = 20000  # below the usual ephemeral range, above well-known service ports
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections (Linux default 32768-60999)."""
+    try:
+        low, high = (int(v) for v in open(EPHEMERAL_RANGE_FILE).read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(rng: random.Random | None = None, attempts: int = 200) -> int:
+    """A TCP port free on the loopback interface right now, chosen *outside* the ephemeral range.
+
+    Why not ``bind(0)``: that returns an ephemeral port, and between our check and the moment the
+    rendezvous server (TCPStore) binds it, any outgoing connection on the machine (Ray workers, an
+    S3 client, another test) may be handed the same port: EADDRINUSE, seen in CI. Ports below the
+    ephemeral range are only taken by explicit listeners, so the window is closed in practice."""
+    rng = rng or random.Random()
+    low, _ = ephemeral_port_range()
+    top = max(LISTEN_PORT_FLOOR + 1000, low) - 1
+    for _ in range(attempts):
+        port = rng.randint(LISTEN_PORT_FLOOR, top)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # everything tried was taken: fall back to the kernel's choice
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

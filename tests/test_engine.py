@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
+import socket
+
 import pytest
 import torch
 
-from cluster.env import read_dist_env
+from cluster.env import ephemeral_port_range, free_port, read_dist_env
 from pretrain.config import RunConfig
 from pretrain.engine import Runtime, deepspeed_config, lr_multiplier, param_groups
 
@@ -48,3 +51,14 @@ def test_dist_env_reads_torchrun_then_slurm():
     assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_addr) == (3, 4, 1, "node0")
     single = read_dist_env({})
     assert (single.rank, single.world_size) == (0, 1) and single.master_port > 0
+
+
+def test_free_port_avoids_the_ephemeral_range_and_skips_taken_ports():
+    low, high = ephemeral_port_range()
+    port = free_port(random.Random(7))
+    assert not low <= port <= high, (port, low, high)
+    with socket.socket() as listener:  # take the port the same seed picks first
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        other = free_port(random.Random(7))
+    assert other != port and not low <= other <= high
