@@ -39,9 +39,9 @@ import random
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -223,8 +223,10 @@ class Checkpointer:
         self.cache = Path(cache_dir) if cache_dir is not None else self.staging.parent / ".checkpoint-cache"
         self.async_save = async_save
         self.last_blocked_s = 0.0
-        self._pending: threading.Thread | None = None
+        self._pending: Future | None = None
         self._pending_error: BaseException | None = None
+        # one long-lived writer thread: starting a thread per save cost ~25 ms of blocked time on a busy CPU
+        self._writer: ThreadPoolExecutor | None = None
         # async mode: DeepSpeed's own writes become memory snapshots written by the background thread
         self._snapshots = install_snapshot_engine(engine) if async_save else None
         self._found_tags: set[str] | None = None  # step directories that existed before this run's first save
@@ -279,9 +281,9 @@ class Checkpointer:
         finish = write_extras(stage_dir) if write_extras is not None else None
         if self.async_save:
             self._pending_error = None
-            self._pending = threading.Thread(target=self._persist_in_background,
-                                             args=(tag, step, stage_dir, engine_writes, finish), name=f"checkpoint-{tag}")
-            self._pending.start()
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+            self._pending = self._writer.submit(self._persist_in_background, tag, step, stage_dir, engine_writes, finish)
         else:
             self._save_sync(tag, step, stage_dir, finish)
         self.last_blocked_s = time.perf_counter() - started
@@ -435,7 +437,7 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until the previous async save is persisted (and, on rank 0, complete)."""
         if self._pending is not None:
-            self._pending.join()
+            self._pending.result()  # _persist_in_background keeps its errors in _pending_error
             self._pending = None
             if self._pending_error is not None:
                 error, self._pending_error = self._pending_error, None
@@ -444,7 +446,12 @@ class Checkpointer:
                 raise CheckpointError(f"background checkpoint save failed: {type(error).__name__}: {error}") from error
 
     def close(self) -> None:
-        self.wait()
+        try:
+            self.wait()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
         self._barrier()
 
     # -- load --------------------------------------------------------------------------------------

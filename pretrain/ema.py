@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -64,18 +65,21 @@ def chunks(named: list[tuple[str, nn.Parameter]], limit: int = GATHER_CHUNK_ELEM
         yield batch
 
 
+COPY_GRAIN = 32768  # torch's GRAIN_SIZE: smaller copies run on one thread
+
+
 def host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of ``tensor`` (contiguous). CPU tensors are copied with numpy (one plain memcpy):
-    torch's copy splits large tensors over its OpenMP threads, which on a busy CPU waited on each other
-    and made checkpoint snapshots 2-10x slower (measured under a load of 20 on 2 cores)."""
+    """A contiguous CPU copy of ``tensor``. Large CPU tensors are copied with numpy (one plain memcpy):
+    torch splits such copies over its OpenMP threads, which on a busy CPU waited on each other and made
+    checkpoint snapshots 2-10x slower (measured under a load of 20 on 2 cores); small ones, where the
+    Python overhead dominates, with torch."""
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         return tensor.cpu()
-    out = torch.empty(tensor.shape, dtype=tensor.dtype)
-    if tensor.is_contiguous() and tensor.numel() > 0:
-        out.view(-1).view(torch.uint8).numpy()[:] = tensor.reshape(-1).view(torch.uint8).numpy()
-    else:
-        out.copy_(tensor)
+    if tensor.numel() < COPY_GRAIN or not tensor.is_contiguous():
+        return tensor.clone(memory_format=torch.contiguous_format)
+    out = torch.empty_like(tensor)
+    np.copyto(out.view(-1).view(torch.uint8).numpy(), tensor.view(-1).view(torch.uint8).numpy())
     return out
 
 
@@ -140,7 +144,17 @@ class EMA:
         for name, tensor in self.shadow.items():
             tensor.copy_(weights[name].to(tensor.device, torch.float32))
 
-    def weights(self, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def weights(self, reference: dict[str, torch.Tensor], copy: bool = False) -> dict[str, torch.Tensor]:
         """A full state dict: ``reference`` (the live weights, for frozen parts and buffers) with every
-        trainable tensor replaced by its average, cast to the reference dtype."""
-        return {k: (self.shadow[k].to(v.dtype).cpu() if k in self.shadow else v) for k, v in reference.items()}
+        trainable tensor replaced by its average, cast to the reference dtype. ``copy``: the averages
+        are host copies, never the shadow itself (which :meth:`update` changes in place), so a
+        checkpoint can write them in the background; ``reference``'s tensors are passed through."""
+        out = {}
+        for key, value in reference.items():
+            if key not in self.shadow:
+                out[key] = value
+                continue
+            average = self.shadow[key].to(value.dtype)
+            shared = average.untyped_storage().data_ptr() == self.shadow[key].untyped_storage().data_ptr()
+            out[key] = host_copy(average) if copy and shared else average.cpu()
+        return out

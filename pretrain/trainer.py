@@ -262,8 +262,8 @@ class Trainer:
         if not self.dist.is_main:
             return None
         ema_weights = None
-        if self.ema is not None:  # clone: the shadow keeps changing in place while the thread writes
-            ema_weights = {k: v.clone() for k, v in self.ema.weights(weights).items()}
+        if self.ema is not None:  # copies: the shadow keeps changing in place while the thread writes
+            ema_weights = self.ema.weights(weights, copy=True)
         def write() -> None:
             self.model.save_pretrained(directory / "model", state_dict=weights)
             self.tokenizer.save_pretrained(str(directory / "model" / "tokenizer"))

@@ -118,6 +118,11 @@ def test_ema_follows_the_warmed_up_decay():
     torch.testing.assert_close(ema.shadow["weight"], 0.1 * start + 0.9 * module.weight.detach())
     weights = ema.weights(module.state_dict())
     torch.testing.assert_close(weights["frozen.weight"], frozen.weight)
+    snapshot = ema.weights(module.state_dict(), copy=True)  # what a background checkpoint write gets
+    before = ema.shadow["weight"].clone()
+    ema.update()
+    assert weights["weight"] is ema.shadow["weight"] and not torch.equal(before, ema.shadow["weight"])
+    assert torch.equal(snapshot["weight"], before)
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(make_model, encode, tiny_config):
