@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from pretrain.checkpoint import COMPLETE, read_marker
 from pretrain.checkpoint_store import CheckpointStore
 from pretrain.evaluate import EMA_FOLDER, resolve_checkpoint
-from pretrain.model.diffdis import CONFIG_NAME, WEIGHTS_NAME
+from pretrain.model.persistence import CONFIG_NAME, WEIGHTS_NAME
 from pretrain.model.factory import saved_family
 
 MODEL_PREFIX = "model."  # the engine wraps the objective (DiffDis or CLIP); its .model is the model

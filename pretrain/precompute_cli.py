@@ -47,7 +47,7 @@ class AutoencoderFactory:
 
 def model_config(factory: AutoencoderFactory):
     if factory.model_dir is not None:
-        from pretrain.model.diffdis import CONFIG_NAME  # noqa: PLC0415
+        from pretrain.model.persistence import CONFIG_NAME  # noqa: PLC0415
         from pretrain.model.config import model_config_from_dict  # noqa: PLC0415
 
         path = Path(factory.model_dir) / CONFIG_NAME

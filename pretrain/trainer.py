@@ -40,7 +40,7 @@ from pretrain.ema import EMA, full_state_dict
 from pretrain.engine import detect_runtime, initialize_engine, micro_batch_size
 from pretrain.guard import NONFINITE_GRAD, Event, Fault, FaultInjector, TrainingDivergedError, TrainingGuard, corrupt, poisoned
 from pretrain.model import ClipModel, DiffDisModel, TokenizerSpec, build_model
-from pretrain.model.diffdis import WEIGHTS_NAME
+from pretrain.model.persistence import WEIGHTS_NAME
 from pretrain.model.factory import set_activation_checkpointing
 from pretrain.model.tokenizer import special_token_ids
 from pretrain.monitor import Monitor

@@ -10,18 +10,15 @@ Imports torch, transformers and safetensors only; the loss lives in ``pretrain.l
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from pretrain.model.config import ModelConfig, model_config_from_dict
-from pretrain.model.diffdis import CONFIG_NAME, WEIGHTS_NAME
+from pretrain.model.persistence import SafetensorsFolderMixin
 from pretrain.model.text_encoder import TextEncoder, TextFeatures, TokenizerSpec
 
 
@@ -40,7 +37,7 @@ def clip_vision_config(config: ModelConfig, query_dim: int) -> CLIPVisionConfig:
     )
 
 
-class ClipModel(nn.Module):
+class ClipModel(SafetensorsFolderMixin, nn.Module):
     """Text encoder + image tower; both give unit queries of width ``query_dim``."""
 
     def __init__(
@@ -101,33 +98,11 @@ class ClipModel(nn.Module):
             "vision_hf": self.vision.config.to_dict(),
         }
 
-    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write ``config.json`` + ``model.safetensors``; ``state_dict`` overrides the live weights (EMA)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
-        save_file(weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        (directory / CONFIG_NAME).write_text(json.dumps(self._saved_config(), indent=2, default=str))
-        return directory
-
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> ClipModel:
-        directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} is missing: not a saved model folder")
-        saved = json.loads((directory / CONFIG_NAME).read_text())
-        model = cls(
+    def _from_saved_config(cls, saved: dict) -> ClipModel:
+        return cls(
             model_config_from_dict(saved["model"]),
             TokenizerSpec(**saved["tokens"]),
             text_hf_config=CLIPTextConfig.from_dict(saved["text_encoder_hf"]),
             vision_hf_config=CLIPVisionConfig.from_dict(saved["vision_hf"]),
         )
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(
-                f"{directory / WEIGHTS_NAME} does not match its config.json: "
-                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-            )
-        return model.to(map_location)

@@ -6,25 +6,21 @@ The model knows nothing of training: noise schedules, task masking and losses li
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig
 
 from pretrain.model.autoencoder import build_autoencoder, kl_vae_config
 from pretrain.model.config import ModelConfig, model_config_from_dict
+from pretrain.model.persistence import CONFIG_NAME, WEIGHTS_NAME, SafetensorsFolderMixin  # names re-exported
 from pretrain.model.text_encoder import TextEncoder, TextFeatures, TokenizerSpec
 from pretrain.model.unet import DualStreamUNet, UNetOutput
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
-class DiffDisModel(nn.Module):
+class DiffDisModel(SafetensorsFolderMixin, nn.Module):
     def __init__(
         self,
         config: ModelConfig,
@@ -92,38 +88,15 @@ class DiffDisModel(nn.Module):
             "vae": dict(vae.config) if vae is not None else None,
         }
 
-    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (all weights, autoencoder included, so the
-        folder is self-contained). ``state_dict`` overrides the live weights (e.g. EMA weights)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
-        save_file(weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        (directory / CONFIG_NAME).write_text(json.dumps(self._saved_config(), indent=2, default=str))
-        return directory
-
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> DiffDisModel:
-        directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} is missing: not a saved DiffDis model folder")
-        saved = json.loads((directory / CONFIG_NAME).read_text())
+    def _from_saved_config(cls, saved: dict) -> DiffDisModel:
         vae = saved.get("vae")
-        model = cls(
+        return cls(
             model_config_from_dict(saved["model"]),
             TokenizerSpec(**saved["tokens"]),
             text_hf_config=CLIPTextConfig.from_dict(saved["text_encoder_hf"]),
             vae_config={k: v for k, v in vae.items() if not k.startswith("_")} if vae else None,
         )
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(
-                f"{directory / WEIGHTS_NAME} does not match its config.json: "
-                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-            )
-        return model.to(map_location)
 
 
-__all__ = ["DiffDisModel", "TextFeatures", "TokenizerSpec", "UNetOutput", "kl_vae_config"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "DiffDisModel", "TextFeatures", "TokenizerSpec", "UNetOutput", "kl_vae_config"]

@@ -15,7 +15,8 @@ from torch import nn
 
 from pretrain.model.clip import ClipModel
 from pretrain.model.config import ModelConfig
-from pretrain.model.diffdis import CONFIG_NAME, DiffDisModel
+from pretrain.model.diffdis import DiffDisModel
+from pretrain.model.persistence import CONFIG_NAME
 from pretrain.model.text_encoder import TokenizerSpec
 
 FAMILIES: dict[str, type[nn.Module]] = {"diffdis": DiffDisModel, "clip": ClipModel}
