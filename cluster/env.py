@@ -70,7 +70,10 @@ def read_dist_env(environ: dict[str, str] | None = None) -> DistEnv:
     else:
         rank, world, local = 0, 1, 0
     addr = env.get("MASTER_ADDR", "127.0.0.1")
-    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else (free_port() if world == 1 else 29500)
+    # A single process rendezvouses with nobody, so it takes a fresh port even when MASTER_PORT is set:
+    # an inherited one (a parent that trained in-process exported its own, and may still hold it) made
+    # a child's TCPStore fail with EADDRINUSE.
+    port = free_port() if world == 1 else int(env.get("MASTER_PORT", 29500))
     return DistEnv(rank, world, local, addr, port)
 
 

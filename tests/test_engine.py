@@ -62,3 +62,15 @@ def test_free_port_avoids_the_ephemeral_range_and_skips_taken_ports():
         listener.listen()
         other = free_port(random.Random(7))
     assert other != port and not low <= other <= high
+
+
+def test_a_single_process_ignores_an_inherited_master_port_that_is_taken():
+    with socket.socket() as holder:  # e.g. the parent's own TCPStore, exported as MASTER_PORT
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        single = read_dist_env({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": str(taken)})
+        assert single.master_port != taken
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", single.master_port))
+    assert read_dist_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": str(taken)}).master_port == taken
