@@ -30,7 +30,7 @@ def apply_kernels(model: nn.Module, config: KernelsConfig) -> None:
         from kernels.groupnorm_silu import use_fused_groupnorm_silu  # noqa: PLC0415
 
         count = use_fused_groupnorm_silu(model)
-        log.info("kernels: fused GroupNorm+SiLU in %d ResNet blocks (Triton on CUDA or TRITON_INTERPRET=1, "
+        log.info("fused GroupNorm+SiLU in %d ResNet blocks (Triton on CUDA or TRITON_INTERPRET=1, "
                  "else PyTorch)", count)
     if config.fused_infonce:
-        log.info("kernels: fused chunked InfoNCE on (memory linear in the global batch)")
+        log.info("fused chunked InfoNCE on (memory linear in the global batch)")

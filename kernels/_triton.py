@@ -81,5 +81,7 @@ def _wrapped(fn, interpret: bool):
 
 
 def launch(fn, grid: tuple[int, ...], device: torch.device, *args, **meta) -> None:
-    """Run kernel ``fn`` (an undecorated Triton function) over ``grid`` for tensors on ``device``."""
-    _wrapped(fn, device.type != "cuda")[grid](*args, **meta)
+    """Run kernel ``fn`` (an undecorated Triton function) over ``grid`` for tensors on ``device``:
+    interpreted on CPU, and on CUDA too when the process imported triton in interpreter mode (its
+    library functions could not be compiled into our kernel then), as ``TRITON_INTERPRET=1`` means."""
+    _wrapped(fn, device.type != "cuda" or _library_interpreted())[grid](*args, **meta)

@@ -113,7 +113,10 @@ class ChunkedRowCrossEntropy(torch.autograd.Function):
 
 def rows_cross_entropy(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """mean_i CE(s·a_i·Bᵀ, label i+offset) without the rows × columns logits: Triton where it runs,
-    else the chunked PyTorch loop."""
+    else the chunked PyTorch loop. Rows and columns are brought to one dtype (under bf16 autocast the
+    predictions may be bf16 and the text queries fp32)."""
+    common = torch.promote_types(a.dtype, b.dtype)
+    a, b = a.to(common), b.to(common)
     if triton_runs_on(a):
         return ChunkedRowCrossEntropy.apply(a, b, scale, offset)
     return chunked_rows_ce_torch(a, b, scale, offset)

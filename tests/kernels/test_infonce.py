@@ -118,6 +118,21 @@ def test_without_the_interpreter_cpu_uses_the_chunked_pytorch_loop(monkeypatch):
     torch.testing.assert_close(chunked_rows_ce_torch(a, b, s, 18), want, **LOSS_TOL)
 
 
+def test_mixed_dtypes_are_promoted_as_under_autocast():
+    """bf16 predictions (a UNet under autocast) against fp32 text queries: scored in fp32."""
+    predictions = _unit(19, 16).detach().bfloat16().requires_grad_()
+    targets, s = _unit(19, 16), torch.tensor(50.0, requires_grad=True)
+    got, got_grads = _loss_and_grads(lambda: fused_symmetric_info_nce(predictions, targets, predictions, targets, s),
+                                     predictions, targets, s)
+    want, want_grads = _loss_and_grads(
+        lambda: reference_symmetric_info_nce(predictions.float(), targets, predictions.float(), targets, s),
+        predictions, targets, s)
+    torch.testing.assert_close(got, want, **LOSS_TOL)
+    assert got_grads[0].dtype == torch.bfloat16
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, **GRAD_TOL)
+
+
 def test_bad_offsets_are_refused():
     a, b = _unit(4, 8), _unit(6, 8)
     with pytest.raises(ValueError, match="label offset 3"):
