@@ -8,9 +8,12 @@ channels 320/640/1280, 32 groups, head size 64, 77 caption tokens, query width 7
 - attention, bf16, forward+backward: xformers vs SDPA (flash / efficient / cuDNN / math) vs naive;
 - GroupNorm+SiLU, bf16 channels-last and fp32, forward+backward: fused Triton vs eager vs torch.compile;
 - InfoNCE, fp32 unit embeddings, forward+backward at global batch 4k / 16k / 32k: fused vs eager,
-  time and peak memory.
+  time and peak memory;
+- the whole sd-base training step (bench_step.py's: objective forward+backward+AdamW, bf16 autocast)
+  with every kernel on vs off: step time, samples/s and model FLOPs utilisation (FLOPs counted on the
+  eager step; peak bf16 dense FLOP/s from the device name, MFU omitted for unknown devices).
 
-    python benchmarks/bench_kernels.py [--quick]
+    python benchmarks/bench_kernels.py [--quick] [--step-batch N]
 
 Prints tables, then one JSON object of the figures as the last line.
 """
@@ -233,9 +236,47 @@ def bench_infonce(quick: bool) -> dict:
     return figures
 
 
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}  # dense
+
+
+def bench_step_with_kernels(size: str, batch: int, quick: bool, device: torch.device) -> dict:
+    """The unified training step with kernels off, then on (fused GroupNorm+SiLU and InfoNCE)."""
+    from bench_step import build, count_flops, make_batch, time_steps  # noqa: PLC0415 - benchmarks/ is on sys.path
+
+    from kernels import KernelsConfig, apply_kernels  # noqa: PLC0415
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else ""
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    rows, figures = [], {}
+    flops = None
+    for label, fused in (("off", False), ("on", True)):
+        objective, optimizer, config = build(size, "unified", device)
+        apply_kernels(objective.model, KernelsConfig(fused_infonce=fused, fused_groupnorm_silu=fused))
+        objective.fused_infonce = fused
+        data = make_batch(config, batch, device)
+        if flops is None:  # Triton kernels are invisible to the FLOP counter: count the eager step
+            flops = count_flops(objective, optimizer, data)
+        times = time_steps(objective, optimizer, data, 3 if quick else 10, warmup=2, device=device)
+        seconds = statistics.median(times)
+        mfu = flops / seconds / peak if peak else None
+        figures.update({f"step_{size}_kernels_{label}_ms": 1000 * seconds,
+                        f"step_{size}_kernels_{label}_samples_per_s": batch / seconds,
+                        f"step_{size}_kernels_{label}_mfu": mfu})
+        rows.append([label, f"{1000 * seconds:.1f}", f"{batch / seconds:.1f}", "n/a" if mfu is None else f"{100 * mfu:.1f}%"])
+        del objective, optimizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    figures[f"step_{size}_gflop"] = flops / 1e9
+    figures[f"step_{size}_speedup_kernels_on"] = figures[f"step_{size}_kernels_off_ms"] / figures[f"step_{size}_kernels_on_ms"]
+    _table(f"{size} unified step, batch {batch}, bf16 autocast ({flops / 1e9:.0f} GFLOP/step; goal MFU >= 40%)",
+           ["kernels", "ms/step", "samples/s", "MFU"], rows)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes and iterations (CPU: under 2 minutes)")
+    parser.add_argument("--step-batch", type=int, default=None, help="sd-base step batch on CUDA (default 8 quick, 32)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -254,6 +295,7 @@ def main() -> None:
         figures.update(bench_attention(args.quick))
         figures.update(bench_groupnorm_silu(args.quick))
         figures.update(bench_infonce(args.quick))
+        figures.update(bench_step_with_kernels("sd-base", args.step_batch or (8 if args.quick else 32), args.quick, device))
     figures["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(figures))
 
