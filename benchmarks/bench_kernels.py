@@ -192,8 +192,9 @@ def bench_groupnorm_silu(quick: bool) -> dict:
             if channels_last:
                 x = x.to(memory_format=torch.channels_last)
             x.requires_grad_()
-            w = torch.randn(shape[1], device=device, requires_grad=True)
-            b = torch.randn(shape[1], device=device, requires_grad=True)
+            # parameters in the input's dtype: eager group_norm need not accept bf16 input with fp32 weights
+            w = torch.randn(shape[1], device=device, dtype=dtype, requires_grad=True)
+            b = torch.randn(shape[1], device=device, dtype=dtype, requires_grad=True)
             grad = torch.randn_like(x)
             times = {label: _time_ms(lambda fn=fn: fn(x, w, b).backward(grad), 5 if quick else 20)
                      for label, fn in (("eager", eager), ("compile", compiled), ("fused", fused))}
