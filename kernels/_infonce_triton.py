@@ -7,6 +7,7 @@ log-sum-exp per row, and the backward recomputes each logits tile from A, B and 
 
 The functions are undecorated; ``kernels._triton.launch`` wraps them (compiled or interpreted).
 Each program holds a full embedding row (BLOCK_D = next power of two ≥ D) so A's tile is loaded once.
+Inputs are fp32 (``kernels.infonce`` upcasts); PRECISION is the ``tl.dot`` input precision ("ieee").
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def grad_rows_kernel(
         prob = tl.where(col_ok[None, :], tl.exp(dots * scale - lse[:, None]), 0.0)
         g = prob - tl.where(cols[None, :] == rows[:, None] + offset, 1.0, 0.0)
         g = tl.where(row_ok[:, None], g, 0.0)
-        grad_a += tl.dot(g.to(b.dtype), b, input_precision=PRECISION)
+        grad_a += tl.dot(g, b, input_precision=PRECISION)
         grad_scale += tl.sum(g * dots, axis=1)
     tl.store(grad_a_ptr + rows[:, None] * stride_ga + dims[None, :], grad_a, mask=row_ok[:, None] & dim_ok[None, :])
     tl.store(grad_scale_ptr + rows, grad_scale, mask=row_ok)
@@ -99,5 +100,5 @@ def grad_cols_kernel(
         prob = tl.where(row_ok[None, :] & col_ok[:, None], tl.exp(dots * scale - lse[None, :]), 0.0)
         g = prob - tl.where(cols[:, None] == rows[None, :] + offset, 1.0, 0.0)
         g = tl.where(row_ok[None, :], g, 0.0)
-        grad_b += tl.dot(g.to(a.dtype), a, input_precision=PRECISION)
+        grad_b += tl.dot(g, a, input_precision=PRECISION)
     tl.store(grad_b_ptr + cols[:, None] * stride_gb + dims[None, :], grad_b, mask=col_ok[:, None] & dim_ok[None, :])

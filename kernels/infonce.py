@@ -21,6 +21,11 @@ import torch.nn.functional as F
 from kernels._triton import launch, triton_runs_on
 
 CHUNK = 1024  # columns per step of the PyTorch chunked fallback
+# The Triton path scores in fp32 with IEEE products, whatever the inputs' dtype: the N×D embeddings
+# are cheap to upcast, and Triton's interpreter computes bf16 ``tl.dot`` wrongly (measured: errors of
+# 1e10 on a 16×16 product, triton 3.9.0), so a bf16/TF32 tile path could not be tested on CPU. Faster
+# tiles are a tuning option to measure on a GPU.
+PRECISION = "ieee"
 
 
 def reference_rows_ce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -57,11 +62,6 @@ def _tiles(dim: int) -> tuple[int, int, int]:
     return block, block, block_d
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep fp32 products (the reference's numbers), not TF32's 10-bit mantissa
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 class ChunkedRowCrossEntropy(torch.autograd.Function):
     """mean_i [lse_j(s·a_i·b_j) − s·a_i·b_{i+offset}] with Triton kernels; saves A, B, s and one lse per row."""
 
@@ -70,8 +70,8 @@ class ChunkedRowCrossEntropy(torch.autograd.Function):
         from kernels import _infonce_triton as K  # noqa: PLC0415 - imports triton
 
         a, b = a.contiguous(), b.contiguous()
-        if a.dtype != b.dtype or a.shape[1] != b.shape[1]:
-            raise ValueError(f"rows {tuple(a.shape)} {a.dtype} and columns {tuple(b.shape)} {b.dtype} must share dtype and width")
+        if a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape[1] != b.shape[1]:
+            raise ValueError(f"rows {tuple(a.shape)} {a.dtype} and columns {tuple(b.shape)} {b.dtype} must be fp32 of one width")
         if not 0 <= offset <= b.shape[0] - a.shape[0]:
             raise ValueError(f"label offset {offset} puts rows 0..{a.shape[0] - 1} outside the {b.shape[0]} columns")
         scale32 = scale.detach().float().reshape(1).contiguous()
@@ -81,7 +81,7 @@ class ChunkedRowCrossEntropy(torch.autograd.Function):
         lse = a.new_empty(n, dtype=torch.float32)
         diag = a.new_empty(n, dtype=torch.float32)
         launch(K.lse_rows_kernel, (-(-n // block_m),), a.device, a, b, scale32, lse, diag, n, m, dim, offset,
-               a.stride(0), b.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(a.dtype))
+               a.stride(0), b.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=PRECISION)
         ctx.save_for_backward(a, b, scale32, lse)
         ctx.offset = offset
         return (lse - diag).mean()
@@ -93,7 +93,7 @@ class ChunkedRowCrossEntropy(torch.autograd.Function):
         a, b, scale32, lse = ctx.saved_tensors
         n, m, dim = a.shape[0], b.shape[0], a.shape[1]
         block_m, block_n, block_d = _tiles(dim)
-        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "PRECISION": _precision(a.dtype)}
+        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "PRECISION": PRECISION}
         grad_a = grad_b = grad_scale = None
         weight = grad_loss.float() / n  # d mean / d row loss
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
@@ -101,22 +101,22 @@ class ChunkedRowCrossEntropy(torch.autograd.Function):
             raw_scale = a.new_empty(n, dtype=torch.float32)
             launch(K.grad_rows_kernel, (-(-n // block_m),), a.device, a, b, scale32, lse, raw_a, raw_scale,
                    n, m, dim, ctx.offset, a.stride(0), b.stride(0), raw_a.stride(0), **meta)
-            grad_a = (raw_a * (weight * scale32)).to(a.dtype)
+            grad_a = raw_a * (weight * scale32)
             grad_scale = (raw_scale.sum() * weight).reshape(ctx.scale_shape) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[1]:
             raw_b = b.new_empty((m, dim), dtype=torch.float32)
             launch(K.grad_cols_kernel, (-(-m // block_n),), b.device, a, b, scale32, lse, raw_b,
                    n, m, dim, ctx.offset, a.stride(0), b.stride(0), raw_b.stride(0), **meta)
-            grad_b = (raw_b * (weight * scale32)).to(b.dtype)
+            grad_b = raw_b * (weight * scale32)
         return grad_a, grad_b, grad_scale, None
 
 
 def rows_cross_entropy(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """mean_i CE(s·a_i·Bᵀ, label i+offset) without the rows × columns logits: Triton where it runs,
-    else the chunked PyTorch loop. Rows and columns are brought to one dtype (under bf16 autocast the
-    predictions may be bf16 and the text queries fp32)."""
-    common = torch.promote_types(a.dtype, b.dtype)
-    a, b = a.to(common), b.to(common)
+    else the chunked PyTorch loop. Scored in fp32 (as :func:`reference_rows_ce`), whatever the inputs'
+    dtype (under bf16 autocast the predictions may be bf16 and the text queries fp32); gradients
+    return in each input's dtype."""
+    a, b = a.float(), b.float()
     if triton_runs_on(a):
         return ChunkedRowCrossEntropy.apply(a, b, scale, offset)
     return chunked_rows_ce_torch(a, b, scale, offset)

@@ -53,6 +53,23 @@ def test_fused_matches_the_reference_in_values_and_gradients(shape, groups, chan
     assert fused_grads[0].is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+def test_bf16_channels_last_matches_the_fp32_reference_within_bf16_rounding():
+    """The GPU configuration (bf16 activations, channels-last, fp32 parameters): statistics in fp32,
+    output and input gradient rounded to bf16 (2 ulp: rtol 2⁻⁶, atol 1e-2), parameter gradients fp32."""
+    x = (torch.randn(2, 12, 5, 7) * 3 + 1.5).bfloat16().to(memory_format=torch.channels_last).requires_grad_()
+    weight, bias = torch.randn(12, requires_grad=True), torch.randn(12, requires_grad=True)
+    grad_out = torch.randn(2, 12, 5, 7).bfloat16()
+    fused = groupnorm_silu(x, 3, weight, bias, 1e-6)
+    fused_grads = torch.autograd.grad(fused, (x, weight, bias), grad_out)
+    reference = reference_groupnorm_silu(x.float(), 3, weight, bias, 1e-6)
+    reference_grads = torch.autograd.grad(reference, (x, weight, bias), grad_out.float())
+    assert fused.dtype == fused_grads[0].dtype == torch.bfloat16 and fused_grads[1].dtype == torch.float32
+    torch.testing.assert_close(fused.float(), reference, rtol=2**-6, atol=1e-2)
+    torch.testing.assert_close(fused_grads[0].float(), reference_grads[0].float(), rtol=2**-6, atol=1e-2)
+    for got, want in zip(fused_grads[1:], reference_grads[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
+
+
 def test_without_the_interpreter_cpu_uses_pytorch(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setattr(G, "launch", lambda *a, **k: pytest.fail("Triton launched on CPU without TRITON_INTERPRET=1"))
