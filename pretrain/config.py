@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from kernels.config import KernelsConfig
 from pretrain.config_io import load_config
 from pretrain.diagnostics import HealthConfig
 from pretrain.diffusion import DiffusionConfig, LossConfig
@@ -135,6 +136,7 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)  # attention backend, fused Triton kernels
 
     def validate(self) -> None:
         self.health.check_timesteps(self.diffusion.num_train_timesteps)

@@ -143,10 +143,12 @@ class DiffDisObjective(nn.Module):
         loss: LossConfig,
         rank: int = 0,
         world_size: int = 1,
+        fused_infonce: bool = False,
     ):
         super().__init__()
         self.model = model
         self.diffusion = diffusion
+        self.fused_infonce = fused_infonce  # kernels.fused_infonce: chunked InfoNCE, memory linear in N
         self.loss_config = loss
         self.rank, self.world_size = rank, world_size
         self.temperature = LearnableTemperature(loss.init_temperature, loss.max_logit_scale, loss.learn_temperature)
@@ -215,7 +217,8 @@ class DiffDisObjective(nn.Module):
             loss_gen = F.mse_loss(prediction.float(), noise.float())  # L_IG
         if self.has_alignment:
             prediction = self.alignment_pass(latents, text)
-            loss_align = symmetric_info_nce(prediction, text.query, self.temperature(), self.rank, self.world_size)
+            loss_align = symmetric_info_nce(prediction, text.query, self.temperature(), self.rank, self.world_size,
+                                            self.fused_infonce)
         loss = loss_gen + self.loss_config.align_weight * loss_align
         return {"loss": loss, "loss_gen": loss_gen.detach(), "loss_align": loss_align.detach(),
                 "logit_scale": self.temperature().detach()}

@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.infonce import fused_symmetric_info_nce
+
 
 def gather_with_grad(features: torch.Tensor, world_size: int) -> torch.Tensor:
     """All ranks' ``features`` concatenated in rank order, differentiable w.r.t. every rank's slice.
@@ -60,19 +62,28 @@ class _GatherRows(torch.autograd.Function):
 
 
 def symmetric_info_nce(
-    predictions: torch.Tensor, targets: torch.Tensor, logit_scale: torch.Tensor, rank: int = 0, world_size: int = 1
+    predictions: torch.Tensor,
+    targets: torch.Tensor,
+    logit_scale: torch.Tensor,
+    rank: int = 0,
+    world_size: int = 1,
+    fused: bool = False,
 ) -> torch.Tensor:
     """CLIP's symmetric cross-entropy on s_ij = scale·cos(ê_0,i, e_j) over the *global* batch.
 
     Each rank scores its own rows against all gathered columns (and vice versa); the mean over ranks
     of these local losses equals the single-process loss on the concatenated batch, and so do the
-    averaged gradients.
+    averaged gradients. ``fused`` (config ``kernels.fused_infonce``) computes the same value without
+    the rows × global-batch logits (``kernels.infonce``: memory linear in the global batch).
     """
     predictions = F.normalize(predictions, dim=-1)
     targets = F.normalize(targets, dim=-1)
     all_predictions = gather_with_grad(predictions, world_size)
     all_targets = gather_with_grad(targets, world_size)
-    labels = torch.arange(predictions.shape[0], device=predictions.device) + rank * predictions.shape[0]
+    offset = rank * predictions.shape[0]
+    if fused:
+        return fused_symmetric_info_nce(predictions, targets, all_predictions, all_targets, logit_scale, offset)
+    labels = torch.arange(predictions.shape[0], device=predictions.device) + offset
     logits_pred_to_text = logit_scale * predictions @ all_targets.T
     logits_text_to_pred = logit_scale * targets @ all_predictions.T
     return 0.5 * (F.cross_entropy(logits_pred_to_text, labels) + F.cross_entropy(logits_text_to_pred, labels))

@@ -22,8 +22,9 @@ class ClipObjective(nn.Module):
     ``optim.temperature_lr`` applies to it exactly as for DiffDis); ``rank``/``world_size`` select
     the global-batch negatives. ``loss.align_weight`` is unused (the loss is InfoNCE alone)."""
 
-    def __init__(self, model: ClipModel, loss: LossConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, model: ClipModel, loss: LossConfig, rank: int = 0, world_size: int = 1, fused_infonce: bool = False):
         super().__init__()
+        self.fused_infonce = fused_infonce
         self.model = model
         self.loss_config = loss
         self.rank, self.world_size = rank, world_size
@@ -43,12 +44,13 @@ class ClipObjective(nn.Module):
         images = self.model.embed_images(pixels)
         texts = self.model.encode_text(input_ids, attention_mask).query
         scale = self.temperature()
-        loss = symmetric_info_nce(images, texts, scale, self.rank, self.world_size)
+        loss = symmetric_info_nce(images, texts, scale, self.rank, self.world_size, self.fused_infonce)
         return {"loss": loss, "loss_gen": loss.new_zeros(()), "loss_align": loss.detach(), "logit_scale": scale.detach()}
 
 
 def build_objective(model: DiffDisModel | ClipModel, config: RunConfig, rank: int = 0, world_size: int = 1) -> nn.Module:
     """The training objective for ``model`` (chosen by ``config.model.family``)."""
+    fused = config.kernels.fused_infonce
     if config.model.family == "clip":
-        return ClipObjective(model, config.loss, rank, world_size)
-    return DiffDisObjective(model, config.diffusion, config.loss, rank, world_size)
+        return ClipObjective(model, config.loss, rank, world_size, fused_infonce=fused)
+    return DiffDisObjective(model, config.diffusion, config.loss, rank, world_size, fused_infonce=fused)

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from cluster.env import read_dist_env
 from cluster.preemption import PreemptionWatcher
 from data_pipeline.progress import progress
+from kernels import apply_kernels
 from pretrain.checkpoint import Checkpointer, Restored, RNGState, read_marker, step_of
 from pretrain.checkpoint_store import CheckpointStore
 from pretrain.config import RunConfig
@@ -108,6 +109,7 @@ class Trainer:
         self.tokenizer = prepare_tokenizer(config, self.run_dir)
         model = build_model(config.model, tokenizer_spec(self.tokenizer))  # model.family: DiffDis or CLIP
         set_activation_checkpointing(model, config.train.activation_checkpointing)
+        apply_kernels(model, config.kernels)  # attention backend, fused GroupNorm+SiLU (before the engine)
         objective = build_objective(model, config, self.dist.rank, self.dist.world_size)
         self.engine = initialize_engine(objective, config, self.dist, self.runtime,
                                         load_universal=saved_world != self.dist.world_size)

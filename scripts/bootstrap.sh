@@ -18,7 +18,7 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
 fi
 # DS_BUILD_OPS=0: DeepSpeed builds its ops on first use instead of at install time.
 DS_BUILD_OPS=0 pip install -e "$root[test]"
-"$venv/bin/python" -c "import torch, deepspeed, diffusers, transformers, pretrain" \
+"$venv/bin/python" -c "import torch, deepspeed, diffusers, transformers, triton, pretrain" \
     || { echo "bootstrap: the environment in $venv is incomplete (see the pip output above)" >&2; exit 1; }
 rm -f "$venv"/.bootstrap-*
 touch "$stamp"

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# First, before anything imports triton (DeepSpeed does, with pretrain): Triton picks compiled or
+# interpreted mode for its own library at import, and the kernel tests (tests/kernels) run our Triton
+# kernels on CPU under its interpreter. Production code reads this only to allow Triton on CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 import torch
 
 from pretrain.config import CONFIGS_DIR, RunConfig, load_run_config
