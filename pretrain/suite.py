@@ -120,9 +120,11 @@ class SuiteRunner:
         self.image_dir = Path(image_dir)
         self._data: dict[tuple, object] = {}
         self._judges: dict[tuple, tuple] = {}
+        self._queries: dict[tuple, torch.Tensor] = {}
 
     def run(self, loaded: LoadedCheckpoint) -> SuiteResult:
         metrics, images = {}, {}
+        self._queries = {}  # this checkpoint's image queries: zero-shot and retrieval on one set share them
         for task in self.suite.tasks:
             if loaded.model.config.family == "clip" and task.kind in ("samples", "digits_frechet"):
                 log.info("task %s skipped: a CLIP baseline cannot generate images", task.name)
@@ -177,6 +179,15 @@ class SuiteRunner:
         return dict(diffusion=loaded.config.diffusion, steps=eval_config.ddim_steps if task.steps is None else task.steps,
                     guidance=eval_config.guidance if task.guidance is None else task.guidance, seed=task.seed)
 
+    def _image_queries(self, task: TaskConfig, loaded: LoadedCheckpoint, pixels: torch.Tensor, chain: dict) -> torch.Tensor:
+        """ê_0 of every image (one reverse chain each: the expensive part), shared by tasks on the same
+        images with the same chain settings."""
+        key = (task.data, task.limit, len(pixels), chain["steps"], chain["guidance"], chain["seed"])
+        if key not in self._queries:
+            self._queries[key] = image_queries(loaded.model, pixels, chain["diffusion"], chain["steps"], chain["guidance"],
+                                               batch_size=loaded.config.eval.batch_size, seed=chain["seed"])
+        return self._queries[key]
+
     def _zeroshot(self, task: TaskConfig, loaded: LoadedCheckpoint) -> dict[str, float]:
         chain = self._chain(task, loaded)
         if task.data == "heldout":
@@ -190,8 +201,7 @@ class SuiteRunner:
         else:
             data = self._read(task, loaded.config.model.image_size, captioned=False)
             pixels, labels, prompts = data.pixels, data.labels, data.prompts_per_class()
-        queries = image_queries(loaded.model, pixels, chain["diffusion"], chain["steps"], chain["guidance"],
-                                batch_size=loaded.config.eval.batch_size, seed=chain["seed"])
+        queries = self._image_queries(task, loaded, pixels, chain)
         scores = queries @ class_queries(loaded.model, loaded.tokenizer, prompts).T.to(queries.device)
         return {**classification_metrics(scores, labels), "ddim_steps": chain["steps"]}
 
@@ -203,8 +213,7 @@ class SuiteRunner:
         else:
             data = self._read(task, loaded.config.model.image_size, captioned=True)
             pixels, captions, owner = data.pixels, data.captions, data.owner
-        queries = image_queries(loaded.model, pixels, chain["diffusion"], chain["steps"], chain["guidance"],
-                                batch_size=loaded.config.eval.batch_size, seed=chain["seed"])
+        queries = self._image_queries(task, loaded, pixels, chain)
         _, text = encode_captions(loaded.model, loaded.tokenizer, captions)
         return {**retrieval_metrics(queries @ text.to(queries.device).T, owner), "ddim_steps": chain["steps"]}
 

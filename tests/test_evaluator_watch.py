@@ -1,0 +1,195 @@
+"""The watcher: every complete checkpoint evaluated exactly once, in step order, across restarts and a
+SIGKILL; incomplete ones wait; pruned ones are skipped with a log line; corrupt ones are named."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain import checkpoint_fetch
+from pretrain.checkpoint_store import COMPLETE, CheckpointStore
+from pretrain.evaluator import PAUSE_BEFORE_COMMIT_ENV, Evaluator, WatchOptions
+from pretrain.model import DiffDisModel
+from pretrain.suite import load_suite
+from pretrain.trainer import tokenizer_spec
+from tests.evaluator_helpers import TINY_SUITE, checkpointer, corrupt_file, ledger, perturbed, save_step
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_config, tokenizer):
+    torch.manual_seed(0)
+    return DiffDisModel(tiny_config.model, tokenizer_spec(tokenizer)).eval()
+
+
+@pytest.fixture
+def suite_file(tmp_path) -> Path:
+    path = tmp_path / "suite.yaml"
+    path.write_text(TINY_SUITE)
+    return path
+
+
+def _watch_once(root: str, eval_dir: Path, suite_file: Path, newest_first: bool = False) -> int:
+    options = WatchOptions(poll_s=0.1, once=True, newest_first=newest_first, device="cpu")
+    return Evaluator(root, eval_dir, load_suite(suite_file), options).run()
+
+
+def _tensorboard_steps(eval_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: PLC0415
+
+    events = EventAccumulator(str(eval_dir / "tensorboard"))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+def _scenario(root: str, tmp_path: Path, model, tokenizer, tiny_config, suite_file, corrupt, hide_complete, show_complete):
+    """Steps 1-3 complete (step 2's weights corrupted), step 4 without COMPLETE (a save in flight):
+    the first pass evaluates 1 and 3, names 2's bad file, leaves 4; once 4 completes a second evaluator
+    (a restart) evaluates 4 alone."""
+    writer = checkpointer(root, tmp_path / "staging")
+    for step in (1, 2, 3, 4):
+        save_step(writer, step, perturbed(model, step), tokenizer, tiny_config)
+    corrupt("step-000000002/model/model.safetensors")
+    hide_complete("step-000000004")
+    eval_dir = tmp_path / "eval"
+
+    assert _watch_once(root, eval_dir, suite_file) == 2
+    records = ledger(eval_dir)
+    assert [(r["step"], r["status"]) for r in records] == [(1, "evaluated"), (2, "corrupt"), (3, "evaluated")]
+    assert "step-000000002/model/model.safetensors is corrupt" in records[1]["error"]
+    assert "CRC-32" in records[1]["error"]
+    assert 0.0 <= records[0]["metrics"]["zs"]["top1"] <= 1.0 and records[0]["metrics"]["zs"]["n"] == 24
+
+    show_complete("step-000000004")
+    assert _watch_once(root, eval_dir, suite_file) == 1  # restart: only the new one
+    assert _watch_once(root, eval_dir, suite_file) == 0  # and again: nothing
+    records = ledger(eval_dir)
+    assert [(r["step"], r["status"]) for r in records] == [(1, "evaluated"), (2, "corrupt"), (3, "evaluated"), (4, "evaluated")]
+    assert _tensorboard_steps(eval_dir, "eval/zs/top1") == [1, 3, 4]
+
+
+def test_local_exactly_once_in_order_incomplete_waits_corrupt_named(tmp_path, model, tokenizer, tiny_config, suite_file):
+    root = tmp_path / "ckpts"
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    _scenario(
+        str(root), tmp_path, model, tokenizer, tiny_config, suite_file,
+        corrupt=lambda name: corrupt_file(root / name),
+        hide_complete=lambda tag: (root / tag / COMPLETE).rename(aside / tag),
+        show_complete=lambda tag: (aside / tag).rename(root / tag / COMPLETE),
+    )
+
+
+def test_s3_exactly_once_in_order_incomplete_waits_corrupt_named(s3_endpoint, tmp_path, model, tokenizer, tiny_config,
+                                                                suite_file):
+    root = f"s3://{s3_endpoint.bucket}/run/ckpts"
+    store = CheckpointStore(root)
+    markers = {}
+
+    def corrupt(name: str) -> None:
+        data = bytearray(store.fs.cat_file(store.path(name)))
+        data[len(data) // 2] ^= 0xFF
+        store.fs.pipe_file(store.path(name), bytes(data))
+
+    def hide(tag: str) -> None:
+        markers[tag] = store.read_text(tag, COMPLETE)
+        store.fs.rm_file(store.path(tag, COMPLETE))
+
+    _scenario(root, tmp_path, model, tokenizer, tiny_config, suite_file, corrupt, hide,
+              show_complete=lambda tag: store.write_text(markers[tag], tag, COMPLETE))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_checkpoint_pruned_while_read_is_logged_and_skipped(where, request, tmp_path, model, tokenizer, tiny_config,
+                                                           suite_file, monkeypatch, caplog):
+    if where == "s3":
+        request.getfixturevalue("s3_endpoint")
+        root = "s3://diffdis-test/ckpts"
+    else:
+        root = str(tmp_path / "ckpts")
+    writer = checkpointer(root, tmp_path / "staging")
+    for step in (1, 2, 3):
+        save_step(writer, step, model, tokenizer, tiny_config)
+    original = checkpoint_fetch._pause_hook
+
+    def prune_step_2(tag: str) -> None:  # keep-last-K removes it between COMPLETE and the weights being read
+        if tag == "step-000000002":
+            CheckpointStore(root).remove(tag)
+        original(tag)
+
+    monkeypatch.setattr(checkpoint_fetch, "_pause_hook", prune_step_2)
+    with caplog.at_level(logging.WARNING, logger="diffdis.evaluator"):
+        assert _watch_once(root, tmp_path / "eval", suite_file) == 2
+    assert [(r["step"], r["status"]) for r in ledger(tmp_path / "eval")] == [(1, "evaluated"), (2, "deleted"), (3, "evaluated")]
+    assert any("skipped" in m and "step-000000002" in m and "deleted" in m for m in caplog.messages)
+
+
+def test_newest_first_order(tmp_path, model, tokenizer, tiny_config, suite_file):
+    root = str(tmp_path / "ckpts")
+    writer = checkpointer(root, tmp_path / "staging")
+    for step in (5, 10, 15):
+        save_step(writer, step, model, tokenizer, tiny_config)
+    evaluator = Evaluator(root, tmp_path / "eval", load_suite(suite_file), WatchOptions(newest_first=True, device="cpu"))
+    assert evaluator.pending() == ["step-000000015", "step-000000010", "step-000000005"]
+    assert _watch_once(root, tmp_path / "eval", suite_file, newest_first=True) == 3
+    assert [r["step"] for r in ledger(tmp_path / "eval")] == [15, 10, 5]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_sigkill_mid_evaluation_then_restart_beside_a_writer(tmp_path, model, tokenizer, tiny_config, suite_file):
+    """A real watcher process killed with SIGKILL after evaluating step 2 but before recording it; the
+    restarted one (a long-running watcher) re-evaluates 2, then 3, then the checkpoints written while
+    it runs, each exactly once and in order, while keep-last-K pruning goes on."""
+    root = tmp_path / "ckpts"
+    eval_dir = tmp_path / "eval"
+    writer = checkpointer(str(root), tmp_path / "staging", keep_last=3)
+    for step in (1, 2, 3):
+        save_step(writer, step, model, tokenizer, tiny_config)
+    command = [sys.executable, "-m", "pretrain.cli", "evaluator", "watch", str(root), "--out", str(eval_dir),
+               "--suite", str(suite_file), "--poll", "0.2", "--device", "cpu"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", PAUSE_BEFORE_COMMIT_ENV: "2:300"}
+    log_file = tmp_path / "watch-1.log"
+    with log_file.open("w") as handle:
+        first = subprocess.Popen(command, cwd=REPO, env=environment, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: "pausing" in log_file.read_text() or first.poll() is not None, 120, "the watcher to reach step 2")
+        assert first.poll() is None, log_file.read_text()[-3000:]
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert [(r["step"], r["status"]) for r in ledger(eval_dir)] == [(1, "evaluated")]
+
+    environment.pop(PAUSE_BEFORE_COMMIT_ENV)
+    log_file = tmp_path / "watch-2.log"
+    with log_file.open("w") as handle:
+        second = subprocess.Popen(command, cwd=REPO, env=environment, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: len(ledger(eval_dir)) >= 3 or second.poll() is not None, 120, "steps 2 and 3")
+        for step in (4, 5):  # training goes on; keep_last=3 prunes 1 and 2
+            save_step(writer, step, model, tokenizer, tiny_config)
+        _wait_for(lambda: len(ledger(eval_dir)) >= 5 or second.poll() is not None, 120, "steps 4 and 5")
+        assert second.poll() is None, log_file.read_text()[-3000:]
+    finally:
+        second.terminate()
+        second.wait(30)
+    records = ledger(eval_dir)
+    assert [(r["step"], r["status"]) for r in records] == [(s, "evaluated") for s in (1, 2, 3, 4, 5)]
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-000000003", "step-000000004", "step-000000005"]
