@@ -77,3 +77,27 @@ def test_eval_suite_json_and_a_corrupt_checkpoint_named(tmp_path, model, tokeniz
     corrupt_file(root / "step-000000003" / "model" / "model.safetensors")
     with pytest.raises(ValueError, match=r"step-000000003/model/model.safetensors is corrupt"):
         fetch(CheckpointStore(str(root)), "step-000000003", tmp_path / "scratch")
+
+
+def test_digits_frechet_distance_in_judge_features(tmp_path, model, tokenizer, tiny_config):
+    """The offline generation metric (not FID): a random-init model's samples lie far from real digits,
+    real training digits lie close to real held-out ones, and noise added to real digits moves them away
+    in proportion."""
+    from pretrain.config_io import from_dict  # noqa: PLC0415
+    from pretrain.eval_metrics import frechet_distance  # noqa: PLC0415
+    from pretrain.evaluate import load_checkpoint  # noqa: PLC0415
+    from pretrain.judge import uint8_to_pixels  # noqa: PLC0415
+    from pretrain.suite import SuiteConfig, SuiteRunner, judge_features  # noqa: PLC0415
+
+    root = tmp_path / "ckpts"
+    save_step(checkpointer(str(root), tmp_path / "staging"), 1, model, tokenizer, tiny_config)
+    suite = from_dict(SuiteConfig, {"tasks": [{"kind": "digits_frechet", "name": "fd", "per_class": 5, "steps": 2}]})
+    runner = SuiteRunner(suite, tmp_path / "img")
+    metrics = runner.run(load_checkpoint(root / "step-000000001")).metrics["fd"]
+    assert metrics["n_generated"] == 50 and metrics["n_real"] == 359
+    assert metrics["real_floor"] < 1.0 and 5 * metrics["real_floor"] < metrics["frechet_distance"]
+    (digits, judge, real, _), = runner._judges.values()
+    pixels = uint8_to_pixels(digits.heldout_images)
+    noisy = [frechet_distance(judge_features(judge, pixels + torch.randn(pixels.shape, generator=torch.Generator().manual_seed(0)) * s), real)
+             for s in (0.0, 0.3, 1.0)]
+    assert noisy[0] == pytest.approx(0.0, abs=1e-6) and noisy[0] < noisy[1] < noisy[2]
