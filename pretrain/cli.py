@@ -132,7 +132,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     summary = run_demo(args.out, args.overrides)
     print(f"\nDemo finished in {summary['wall_s']:.0f} s. Held-out zero-shot top-1 {summary['zeroshot_top1']:.1%}.")
-    for key in ("run_dir", "checkpoint", "metrics", "samples_png", "loss_png", "summary_json"):
+    for key in ("run_dir", "checkpoint", "metrics", "samples_png", "loss_png", "eval_dir", "report_html", "dashboard",
+                "summary_json"):
         print(f"  {key:>12}: {summary[key]}")
     _print_json(summary)
     return 0
