@@ -101,3 +101,11 @@ def test_digits_frechet_distance_in_judge_features(tmp_path, model, tokenizer, t
     noisy = [frechet_distance(judge_features(judge, pixels + torch.randn(pixels.shape, generator=torch.Generator().manual_seed(0)) * s), real)
              for s in (0.0, 0.3, 1.0)]
     assert noisy[0] == pytest.approx(0.0, abs=1e-6) and noisy[0] < noisy[1] < noisy[2]
+
+
+@pytest.mark.parametrize("command", [["evaluator", "watch"], ["dashboard"], ["report"]])
+def test_new_subcommands_explain_themselves(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: diffdis" in capsys.readouterr().out

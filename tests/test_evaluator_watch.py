@@ -193,3 +193,40 @@ def test_sigkill_mid_evaluation_then_restart_beside_a_writer(tmp_path, model, to
     records = ledger(eval_dir)
     assert [(r["step"], r["status"]) for r in records] == [(s, "evaluated") for s in (1, 2, 3, 4, 5)]
     assert sorted(p.name for p in root.glob("step-*")) == ["step-000000003", "step-000000004", "step-000000005"]
+
+
+@pytest.mark.integration
+def test_watcher_beside_a_real_training_run(tmp_path, suite_file):
+    """`diffdis train` (tiny config, a checkpoint every step, keep-last-2 pruning) and `diffdis evaluator
+    watch` as two processes started together: every checkpoint the watcher sees is recorded once, in
+    step order; the pruned ones it reached too late are `deleted`, never failed; the last is evaluated,
+    and so is every checkpoint left on disk."""
+    run = tmp_path / "run"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = subprocess.Popen(
+        [sys.executable, "-m", "pretrain.cli", "train", "--config", "configs/tiny.yaml", "--out", str(run),
+         "train.steps=4", "train.checkpoint_every=1", "train.batch_size=8", "train.keep_last=2"],
+        cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log_file = tmp_path / "watch.log"
+    with log_file.open("w") as handle:
+        watch = subprocess.Popen([sys.executable, "-m", "pretrain.cli", "evaluator", "watch", str(run / "checkpoints"),
+                                  "--out", str(run / "eval"), "--suite", str(suite_file), "--poll", "0.3", "--device", "cpu"],
+                                 cwd=REPO, env=environment, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        _, errors = train.communicate(timeout=300)
+        assert train.returncode == 0, errors[-3000:]
+        _wait_for(lambda: any(r["step"] == 4 for r in ledger(run / "eval")) or watch.poll() is not None, 120,
+                  "the watcher to record step 4")
+        assert watch.poll() is None, log_file.read_text()[-3000:]
+    finally:
+        for process in (train, watch):
+            if process.poll() is None:
+                process.terminate()
+                process.wait(30)
+    records = ledger(run / "eval")
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)) and steps[-1] == 4
+    assert {r["status"] for r in records} <= {"evaluated", "deleted"}
+    assert records[-1]["status"] == "evaluated"
+    on_disk = {int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")}
+    assert on_disk == {3, 4} and on_disk <= {r["step"] for r in records if r["status"] == "evaluated"}
