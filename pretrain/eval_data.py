@@ -132,6 +132,8 @@ def read_clip_benchmark(root: str | Path, size: int, split: str = "test", limit:
                 break
         if limit is not None and len(images) >= limit:
             break
+    if not images:
+        raise ValueError(f"no samples in {root / split}")
     return LabelledImages(to_pixels(images, size), torch.tensor(labels), names, prompts)
 
 

@@ -83,10 +83,15 @@ def read_results(eval_dir: str | Path) -> list[dict]:
     return Ledger(Path(eval_dir) / RESULTS).records
 
 
+# sizes and settings, not quality: kept in the ledger, left off the dashboard and the plots
+COUNT_KEYS = ("n", "n_images", "n_captions", "n_real", "n_generated", "ddim_steps")
+
+
 def flat_scalars(metrics: dict[str, dict]) -> dict[str, float]:
-    """``{"task": {"top1": x}}`` → ``{"eval/task/top1": x}`` (numbers only): the TensorBoard tags."""
+    """``{"task": {"top1": x}}`` → ``{"eval/task/top1": x}`` (numbers only, counts left out): the
+    TensorBoard tags."""
     return {f"eval/{task}/{name}": float(value) for task, values in metrics.items() for name, value in values.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in COUNT_KEYS}
 
 
 @dataclass
@@ -184,8 +189,7 @@ class Evaluator:
         self._pause_hook(record["step"])
         self.ledger.append(record)
         if record["status"] == "evaluated":
-            summary = ", ".join(f"{k.removeprefix('eval/')}={v:.4g}" for k, v in flat_scalars(record["metrics"]).items()
-                                if not k.endswith(("/n", "n_images", "n_captions", "ddim_steps", "n_real", "n_generated")))
+            summary = ", ".join(f"{k.removeprefix('eval/')}={v:.4g}" for k, v in flat_scalars(record["metrics"]).items())
             log.info("evaluated %s in %.1f s: %s", tag, record["seconds"], summary)
         return record
 

@@ -13,11 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-from pretrain.evaluator import WATCH_INFO, read_results
+from pretrain.evaluator import COUNT_KEYS, WATCH_INFO, read_results
 from pretrain.plots import plot_losses
-
-COUNT_KEYS = ("n", "n_images", "n_captions", "n_real", "n_generated", "ddim_steps")
-
 
 def _metric_names(records: list[dict], task: str) -> list[str]:
     names: list[str] = []

@@ -66,9 +66,10 @@ class TaskConfig:
     per_prompt: int = 4  # samples: images per prompt
     per_class: int = 20  # digits_frechet: generated images per digit
 
+    def __post_init__(self) -> None:
+        self.name = self.name or self.kind
+
     def validate(self) -> None:
-        if not self.name:
-            self.name = self.kind
         if self.kind == "samples" and not self.prompts:
             raise ValueError(f"task {self.name}: a samples task needs prompts")
         if self.kind == "digits_frechet" and self.data != "heldout":
@@ -85,7 +86,7 @@ class SuiteConfig:
     def validate(self) -> None:
         if not self.tasks:
             raise ValueError("a suite needs at least one task")
-        names = [t.name or t.kind for t in self.tasks]
+        names = [t.name for t in self.tasks]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"task names must be unique (they prefix the metrics): {duplicated} repeat; set name:")
