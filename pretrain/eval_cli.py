@@ -14,12 +14,16 @@ def cmd_watch(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     options = WatchOptions(poll_s=args.poll, once=args.once, newest_first=args.newest_first, device=args.device)
     evaluator = Evaluator(args.checkpoints, args.out, suite, options)
-    count = evaluator.run()
+    try:
+        count = evaluator.run()
+    except KeyboardInterrupt:  # Ctrl-C: what finished is in the ledger; an interrupted checkpoint is redone
+        count = None
+        print("interrupted; the ledger holds every finished checkpoint (a restart continues from it)")
     statuses = {}
     for record in evaluator.ledger.records:
         statuses[record["status"]] = statuses.get(record["status"], 0) + 1
-    print(f"evaluated {count} checkpoint(s) this run; ledger {Path(args.out) / RESULTS}: {statuses}")
-    print(json.dumps({"evaluated": count, "ledger": str(Path(args.out) / RESULTS), "statuses": statuses}))
+    print(f"evaluated {count} checkpoint(s) in this run; ledger {Path(args.out) / RESULTS}: {statuses}")
+    print(json.dumps({"evaluated_this_run": count, "ledger": str(Path(args.out) / RESULTS), "statuses": statuses}))
     return 0
 
 
