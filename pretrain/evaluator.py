@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -114,6 +115,7 @@ class Evaluator:
         self.runner = SuiteRunner(suite, self.eval_dir / SAMPLES)
         self.scratch = self.eval_dir / ".scratch"
         self._writer = None
+        self._stop = threading.Event()
         (self.eval_dir / WATCH_INFO).write_text(json.dumps({"checkpoints": self.store.display(), "suite": asdict(suite)}, indent=1))
 
     @property
@@ -144,15 +146,18 @@ class Evaluator:
                         raise
                     log.warning("cannot list %s (%s); retrying in %.0f s", self.store.display(), error, self.options.poll_s)
                     todo = None
-                if todo:
+                if todo and not self._stop.is_set():
                     record = self.evaluate(todo[0])
                     evaluated += record is not None and record["status"] == "evaluated"
                     continue  # list again: newer checkpoints may have completed, older ones been pruned
-                if self.options.once and todo is not None:
+                if (self.options.once and todo is not None) or self._stop.wait(self.options.poll_s):
                     return evaluated
-                time.sleep(self.options.poll_s)
         finally:
             self.close()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` (in another thread) to return after the checkpoint in progress."""
+        self._stop.set()
 
     def evaluate(self, tag: str) -> dict | None:
         """Evaluate one checkpoint and record the outcome; None when it should be retried later."""
@@ -170,7 +175,7 @@ class Evaluator:
         except Exception as error:  # noqa: BLE001 - the service outlives one bad checkpoint
             if is_transient(error):
                 log.warning("%s: storage unreachable (%s); retrying at the next poll", self.store.display(tag), error)
-                time.sleep(self.options.poll_s)
+                self._stop.wait(self.options.poll_s)
                 return None
             if isinstance(error, (FileNotFoundError, OSError)) and not self.store.exists(tag, COMPLETE):
                 log.warning("skipped %s: deleted while it was evaluated (keep-last-K?)", self.store.display(tag))

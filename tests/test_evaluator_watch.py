@@ -230,3 +230,31 @@ def test_watcher_beside_a_real_training_run(tmp_path, suite_file):
     assert records[-1]["status"] == "evaluated"
     on_disk = {int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")}
     assert on_disk == {3, 4} and on_disk <= {r["step"] for r in records if r["status"] == "evaluated"}
+
+
+def test_s3_outage_is_waited_out(s3_endpoint, tmp_path, model, tokenizer, tiny_config, suite_file, caplog, monkeypatch):
+    """The object store goes away before the watcher's first listing and comes back: the watcher logs,
+    keeps polling, then evaluates the checkpoint once; nothing is recorded while the store is away."""
+    import threading  # noqa: PLC0415
+
+    import s3fs  # noqa: PLC0415
+
+    root = f"s3://{s3_endpoint.bucket}/ckpts"
+    save_step(checkpointer(root, tmp_path / "staging"), 1, model, tokenizer, tiny_config)
+    s3_endpoint.stop()
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries of a refused connection take seconds
+    s3fs.S3FileSystem.clear_instance_cache()
+    evaluator = Evaluator(root, tmp_path / "eval", load_suite(suite_file), WatchOptions(poll_s=0.2, device="cpu"))
+    with caplog.at_level(logging.WARNING, logger="diffdis.evaluator"):
+        thread = threading.Thread(target=evaluator.run, daemon=True)
+        thread.start()
+        try:
+            _wait_for(lambda: any("cannot list" in m for m in caplog.messages), 60, "the listing to fail")
+            assert ledger(tmp_path / "eval") == []
+            s3_endpoint.start()  # same port; moto kept the objects
+            _wait_for(lambda: len(ledger(tmp_path / "eval")) == 1, 60, "step 1 to be evaluated")
+        finally:
+            evaluator.stop()
+            thread.join(60)
+    assert not thread.is_alive()
+    assert [(r["step"], r["status"]) for r in ledger(tmp_path / "eval")] == [(1, "evaluated")]
