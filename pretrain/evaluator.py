@@ -21,6 +21,7 @@ at the next poll. ``EVAL_DIR`` is a local directory (the ledger relies on POSIX 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -132,8 +133,24 @@ class Evaluator:
         todo = [tag for tag in self.store.complete_tags() if tag not in done]
         return todo[::-1] if self.options.newest_first else todo
 
+    def _lock(self) -> int:
+        """An exclusive lock on ``EVAL_DIR/.lock`` for as long as :meth:`run` runs: two watchers on one
+        ledger would both evaluate a checkpoint neither has recorded yet."""
+        descriptor = os.open(self.eval_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 64, 0).decode(errors="replace").strip()
+            os.close(descriptor)
+            raise ValueError(f"another evaluator (pid {holder or '?'}) is writing {self.eval_dir}; stop it or give "
+                             "another --out") from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, str(os.getpid()).encode(), 0)
+        return descriptor
+
     def run(self) -> int:
         """Evaluate until stopped (``once``: until nothing is pending); returns how many were evaluated."""
+        lock = self._lock()
         log.info("watching %s (%d already in %s); suite: %s", self.store.display(), len(self.ledger.records),
                  self.eval_dir / RESULTS, ", ".join(t.name for t in self.suite.tasks))
         evaluated = 0
@@ -154,6 +171,7 @@ class Evaluator:
                     return evaluated
         finally:
             self.close()
+            os.close(lock)  # releases the lock
 
     def stop(self) -> None:
         """Ask :meth:`run` (in another thread) to return after the checkpoint in progress."""

@@ -258,3 +258,22 @@ def test_s3_outage_is_waited_out(s3_endpoint, tmp_path, model, tokenizer, tiny_c
             thread.join(60)
     assert not thread.is_alive()
     assert [(r["step"], r["status"]) for r in ledger(tmp_path / "eval")] == [(1, "evaluated")]
+
+
+def test_a_second_watcher_on_the_same_eval_dir_is_refused(tmp_path, suite_file):
+    """Two watchers on one ledger could both evaluate a checkpoint neither has recorded yet."""
+    import threading  # noqa: PLC0415
+
+    first = Evaluator(str(tmp_path / "ckpts"), tmp_path / "eval", load_suite(suite_file), WatchOptions(poll_s=0.1, device="cpu"))
+    thread = threading.Thread(target=first.run, daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: (tmp_path / "eval" / ".lock").is_file() and (tmp_path / "eval" / ".lock").read_text() != "", 30,
+                  "the first watcher's lock")
+        second = Evaluator(str(tmp_path / "ckpts"), tmp_path / "eval", load_suite(suite_file), WatchOptions(once=True, device="cpu"))
+        with pytest.raises(ValueError, match=f"another evaluator \\(pid {os.getpid()}\\) is writing"):
+            second.run()
+    finally:
+        first.stop()
+        thread.join(30)
+    assert _watch_once(str(tmp_path / "ckpts"), tmp_path / "eval", suite_file) == 0  # released: a later one runs
