@@ -39,13 +39,14 @@ class CheckpointGone(FileNotFoundError):
 
 def inference_files(marker: dict, use_ema: bool = True) -> list[str]:
     """The files of a checkpoint that inference reads, from its COMPLETE manifest: the EMA folder when
-    the run kept one (and ``use_ema``), else ``model/``; plus ``config.yaml``."""
+    the run kept one (and ``use_ema``), else ``model/``; plus ``config.yaml`` and ``model/config.json``
+    (what marks a checkpoint folder for ``pretrain.evaluate.resolve_checkpoint``)."""
     files = marker.get("files", {})
     folder = EMA_FOLDER if use_ema and f"{EMA_FOLDER}/config.json" in files else "model"
     chosen = sorted(name for name in files if name.startswith(f"{folder}/"))
     if not chosen:
         raise CheckpointError(f"its {COMPLETE} marker lists no {folder}/ files: not a checkpoint this evaluator can read")
-    return [*chosen, "config.yaml"]
+    return sorted({*chosen, "model/config.json", "config.yaml"})
 
 
 def _pause_hook(tag: str) -> None:

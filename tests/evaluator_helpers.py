@@ -38,12 +38,15 @@ def checkpointer(url: str, staging: Path, keep_last: int = 0) -> Checkpointer:
                         staging_dir=staging, cache_dir=staging / "cache")
 
 
-def save_step(writer: Checkpointer, step: int, model, tokenizer, config) -> str:
-    """Checkpoint ``step`` with ``model``'s weights as the inference folder."""
+def save_step(writer: Checkpointer, step: int, model, tokenizer, config, ema_model=None) -> str:
+    """Checkpoint ``step`` with ``model``'s weights as the inference folder (and ``ema_model``'s as
+    ``model-ema/``, as the trainer writes them when ``train.ema_decay > 0``)."""
 
     def extras(directory: Path) -> None:
-        model.save_pretrained(directory / "model")
-        tokenizer.save_pretrained(str(directory / "model" / "tokenizer"))
+        for folder, weights in (("model", model), ("model-ema", ema_model)):
+            if weights is not None:
+                weights.save_pretrained(directory / folder)
+                tokenizer.save_pretrained(str(directory / folder / "tokenizer"))
         dump_yaml(config, directory / "config.yaml")
 
     return writer.save(step, extras)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,8 +33,9 @@ def _last_json(capsys) -> dict:
 def test_eval_and_sample_take_s3_checkpoints_and_runs(s3_endpoint, tmp_path, model, tokenizer, tiny_config, capsys):
     root = f"s3://{s3_endpoint.bucket}/run/ckpts"
     writer = checkpointer(root, tmp_path / "staging")
-    for step in (1, 2):
-        save_step(writer, step, model, tokenizer, tiny_config)
+    save_step(writer, 1, model, tokenizer, tiny_config)
+    ema = DiffDisModel(tiny_config.model, tokenizer_spec(tokenizer)).eval()  # other weights: tells the folders apart
+    save_step(writer, 2, model, tokenizer, tiny_config, ema_model=ema)
 
     assert main(["eval", f"{root}/step-000000001", "--task", "zeroshot", "--steps", "1", "--json"]) == 0
     result = _last_json(capsys)
@@ -42,6 +44,17 @@ def test_eval_and_sample_take_s3_checkpoints_and_runs(s3_endpoint, tmp_path, mod
 
     assert main(["eval", root, "--task", "retrieval", "--steps", "1", "--json"]) == 0  # a checkpoint root: newest
     assert _last_json(capsys)["checkpoint_step"] == 2
+
+    # a run that kept EMA weights: only model-ema/ (and model/config.json) is downloaded, and it is what loads
+    from pretrain.checkpoint_fetch import local_checkpoint  # noqa: PLC0415
+    from pretrain.evaluate import load_checkpoint  # noqa: PLC0415
+
+    with local_checkpoint(f"{root}/step-000000002") as (directory, url):
+        downloaded = sorted(str(p.relative_to(directory)) for p in Path(directory).rglob("*.safetensors"))
+        loaded = load_checkpoint(directory)
+    assert downloaded == ["model-ema/model.safetensors"] and url == f"{root}/step-000000002"
+    name, weight = next(iter(ema.state_dict().items()))
+    assert torch.equal(loaded.model.state_dict()[name], weight)
 
     run = tmp_path / "run"  # a run whose checkpoints live on S3: only its config.yaml is local
     run.mkdir()
