@@ -183,7 +183,7 @@ class SuiteRunner:
     def _image_queries(self, task: TaskConfig, loaded: LoadedCheckpoint, pixels: torch.Tensor, chain: dict) -> torch.Tensor:
         """ê_0 of every image (one reverse chain each: the expensive part), shared by tasks on the same
         images with the same chain settings."""
-        key = (task.data, task.limit, len(pixels), chain["steps"], chain["guidance"], chain["seed"])
+        key = (task.data, task.format, task.split, task.limit, len(pixels), chain["steps"], chain["guidance"], chain["seed"])
         if key not in self._queries:
             self._queries[key] = image_queries(loaded.model, pixels, chain["diffusion"], chain["steps"], chain["guidance"],
                                                batch_size=loaded.config.eval.batch_size, seed=chain["seed"])
@@ -194,7 +194,8 @@ class SuiteRunner:
         if task.data == "heldout":
             if loaded.config.data.resolved_eval_set() == "scenes":  # several attribute tasks: evaluate() knows them
                 result = evaluate(loaded, "zeroshot", steps=chain["steps"], guidance=chain["guidance"])
-                return {k: v for k, v in result.items() if isinstance(v, (int, float)) and v is not None}
+                return {k: v for k, v in result.items()
+                        if isinstance(v, (int, float)) and k not in ("checkpoint_step", "guidance")}
             from data_pipeline.digits import class_prompts  # noqa: PLC0415
 
             pixels, labels, _ = self._heldout(loaded, task.limit)
