@@ -277,3 +277,18 @@ def test_a_second_watcher_on_the_same_eval_dir_is_refused(tmp_path, suite_file):
         first.stop()
         thread.join(30)
     assert _watch_once(str(tmp_path / "ckpts"), tmp_path / "eval", suite_file) == 0  # released: a later one runs
+
+
+def test_ledger_drops_a_partial_last_line(tmp_path):
+    """A crash inside the append (a full disk) leaves a fragment: it is dropped, the finished lines stay,
+    and the next append starts on a line of its own."""
+    from pretrain.evaluator import Ledger  # noqa: PLC0415
+
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"tag": "step-000000001", "step": 1, "status": "evaluated"}\n'
+                    '{"tag": "step-000000002", "step": 2, "status": "corrupt"}\n{"tag": "step-0000')
+    ledger_ = Ledger(path)
+    assert ledger_.tags() == {"step-000000001", "step-000000002"}
+    ledger_.append({"tag": "step-000000003", "step": 3, "status": "evaluated"})
+    assert [r["step"] for r in ledger(tmp_path)] == [1, 2, 3]
+    assert Ledger(path).tags() == {"step-000000001", "step-000000002", "step-000000003"}
