@@ -86,14 +86,27 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pretrain.checkpoint_fetch import local_checkpoint  # noqa: PLC0415
     from pretrain.evaluate import evaluate, load_checkpoint, sample_grid  # noqa: PLC0415
 
-    loaded = load_checkpoint(args.checkpoint)
-    if args.task == "sample":
+    suite = None
+    if args.suite is not None:
+        from pretrain.suite import SuiteRunner, load_suite  # noqa: PLC0415
+
+        suite = load_suite(args.suite)
+    with local_checkpoint(args.checkpoint, use_ema=True if suite is None else suite.use_ema) as (directory, url):
+        loaded = load_checkpoint(directory, use_ema=True if suite is None else suite.use_ema)
+    where = url or str(loaded.path)  # a download's temporary folder is gone: name the URL
+    if suite is not None:
+        outcome = SuiteRunner(suite, args.images).run(loaded)
+        result = {"checkpoint": where, "checkpoint_step": outcome.step, "metrics": outcome.metrics,
+                  "images": outcome.images}
+    elif args.task == "sample":
         out = sample_grid(loaded, args.prompt or ["a handwritten digit seven"], args.out, steps=args.steps, guidance=args.guidance)
         result = {"task": "sample", "path": str(out), "checkpoint_step": loaded.step}
     else:
         result = evaluate(loaded, args.task, steps=args.steps, guidance=args.guidance)
+        result["checkpoint"] = where
     if args.json:
         _print_json(result)
     else:
@@ -103,9 +116,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from pretrain.checkpoint_fetch import local_checkpoint  # noqa: PLC0415
     from pretrain.evaluate import load_checkpoint, sample_grid  # noqa: PLC0415
 
-    loaded = load_checkpoint(args.checkpoint)
+    with local_checkpoint(args.checkpoint) as (directory, _):
+        loaded = load_checkpoint(directory)
     out = sample_grid(loaded, args.prompt, args.out, per_prompt=args.per_prompt, steps=args.steps,
                       guidance=args.guidance, seed=args.seed)
     print(f"wrote {out} ({len(args.prompt)} prompt(s) x {args.per_prompt} samples, checkpoint step {loaded.step})")
@@ -117,7 +132,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     summary = run_demo(args.out, args.overrides)
     print(f"\nDemo finished in {summary['wall_s']:.0f} s. Held-out zero-shot top-1 {summary['zeroshot_top1']:.1%}.")
-    for key in ("run_dir", "checkpoint", "metrics", "samples_png", "loss_png", "summary_json"):
+    for key in ("run_dir", "checkpoint", "metrics", "samples_png", "loss_png", "eval_dir", "report_html", "dashboard",
+                "summary_json"):
         print(f"  {key:>12}: {summary[key]}")
     _print_json(summary)
     return 0
@@ -167,18 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
                               "             embeddings) vs class prompt ensembles\n"
                               "  retrieval: image->text and text->image recall@1/5/10\n"
                               "  sample   : a grid of generated images (--prompt, --out)")
-    evaluate.add_argument("checkpoint", type=Path, metavar="RUN_OR_CHECKPOINT")
+    evaluate.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run directory, a checkpoint directory, "
+                          "an exported folder, or an s3:// checkpoint / checkpoint root / run prefix")
     evaluate.add_argument("--task", choices=["zeroshot", "retrieval", "sample"], default="zeroshot")
     evaluate.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's eval config)")
     evaluate.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w")
     evaluate.add_argument("--prompt", action="append", help="prompt for --task sample (repeatable)")
     evaluate.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG for --task sample")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    evaluate.add_argument("--suite", type=Path, default=None, help="run this suite YAML (configs/eval/digits.yaml is the "
+                          "demo's) instead of --task; the watcher runs the same suites")
+    evaluate.add_argument("--images", type=Path, default=Path("eval-images"), help="folder for the suite's sample grids")
     evaluate.set_defaults(func=cmd_eval)
 
     sample = sub.add_parser("sample", help="generate images from text", description="Text-to-image with DDIM and "
                             "classifier-free guidance; one grid row per prompt.")
-    sample.add_argument("checkpoint", type=Path, metavar="RUN_OR_CHECKPOINT")
+    sample.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="as for eval (s3:// accepted)")
     sample.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     sample.add_argument("--out", type=Path, required=True, help="output PNG")
     sample.add_argument("--per-prompt", type=int, default=8, help="images per prompt (default 8)")
@@ -198,9 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     demo.set_defaults(func=cmd_demo)
 
-    from pretrain import precompute_cli, shard_cli  # noqa: PLC0415
+    from pretrain import eval_cli, precompute_cli, shard_cli  # noqa: PLC0415
 
     shard_cli.add_parser(sub)
+    eval_cli.add_parser(sub)
     precompute_cli.add_parser(sub)
     return parser
 

@@ -2,7 +2,8 @@
 
 built-in digits → WebDataset shards (Ray pipeline, ``OUT/shards``) → train from the shards (streaming
 loader, DeepSpeed engine, checkpoints) → zero-shot + retrieval on held-out digits → a sample grid and
-a loss plot. Every stage is idempotent: rerunning with the same ``--out`` finds the shards whole,
+a loss plot → the evaluator (``diffdis evaluator watch --once`` with the digits suite) over the kept
+checkpoints, and its HTML report. Every stage is idempotent: rerunning with the same ``--out`` finds the shards whole,
 resumes training from the newest complete checkpoint and re-evaluates.
 """
 
@@ -17,7 +18,10 @@ from data_pipeline.shard_config import ShardConfig
 from pretrain.config import CONFIGS_DIR, load_run_config
 from pretrain.config_io import load_config
 from pretrain.evaluate import evaluate, load_checkpoint, sample_grid
+from pretrain.evaluator import Evaluator, WatchOptions
 from pretrain.plots import plot_losses
+from pretrain.report import write_report
+from pretrain.suite import load_suite
 from pretrain.trainer import Trainer
 
 DEMO_CONFIG = CONFIGS_DIR / "demo.yaml"
@@ -40,6 +44,9 @@ def run_demo(out_dir: str | Path, overrides: list[str] = ()) -> dict:
     retrieval = evaluate(loaded, "retrieval")
     samples = sample_grid(loaded, DEMO_PROMPTS, out_dir / "samples.png", per_prompt=8)
     losses = plot_losses(run_dir / "metrics.jsonl", out_dir / "loss.png")
+    eval_dir = run_dir / "eval"  # the watcher's ledger makes a rerun evaluate only new checkpoints
+    Evaluator(str(run_dir / "checkpoints"), eval_dir, load_suite(), WatchOptions(once=True)).run()
+    report = write_report(eval_dir)
     summary = {
         "zeroshot_top1": zeroshot["top1"],
         "zeroshot_top5": zeroshot["top5"],
@@ -54,6 +61,9 @@ def run_demo(out_dir: str | Path, overrides: list[str] = ()) -> dict:
         "metrics": str(run_dir / "metrics.jsonl"),
         "samples_png": str(samples),
         "loss_png": str(losses),
+        "eval_dir": str(eval_dir),
+        "report_html": str(report),
+        "dashboard": f"diffdis dashboard {run_dir}",
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["summary_json"] = str(out_dir / "summary.json")
