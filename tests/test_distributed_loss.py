@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from cluster.env import free_port
 from pretrain.losses import symmetric_info_nce
+from tests.contrastive_inputs import seeded_encoders_and_batch
 
 pytestmark = pytest.mark.integration
 BATCH, DIM, WORLD = 8, 6, 2
@@ -23,15 +24,7 @@ BATCH, DIM, WORLD = 8, 6, 2
 
 def inputs() -> tuple[torch.nn.Linear, torch.nn.Linear, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Deterministic encoders and a global batch (identical in every process)."""
-    generator = torch.Generator().manual_seed(0)
-    image_encoder, text_encoder = torch.nn.Linear(5, DIM), torch.nn.Linear(4, DIM)
-    with torch.no_grad():
-        for layer in (image_encoder, text_encoder):
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
-            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator))
-    images, texts = torch.randn(BATCH, 5, generator=generator), torch.randn(BATCH, 4, generator=generator)
-    log_scale = torch.tensor(2.5, requires_grad=True)
-    return image_encoder, text_encoder, images, texts, log_scale
+    return seeded_encoders_and_batch(BATCH, DIM, log_scale=2.5)
 
 
 def loss_and_grads(rank: int, world: int) -> tuple[torch.Tensor, list[torch.Tensor]]:

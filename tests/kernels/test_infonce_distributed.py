@@ -18,20 +18,14 @@ import torch.multiprocessing as mp
 
 from cluster.env import free_port
 from pretrain.losses import symmetric_info_nce
+from tests.contrastive_inputs import seeded_encoders_and_batch
 
 pytestmark = pytest.mark.integration
 BATCH, DIM, WORLD = 22, 12, 2
 
 
 def loss_and_grads(rank: int, world: int, fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    generator = torch.Generator().manual_seed(0)
-    image_encoder, text_encoder = torch.nn.Linear(5, DIM), torch.nn.Linear(4, DIM)
-    with torch.no_grad():
-        for layer in (image_encoder, text_encoder):
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
-            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator))
-    images, texts = torch.randn(BATCH, 5, generator=generator), torch.randn(BATCH, 4, generator=generator)
-    log_scale = torch.tensor(3.0, requires_grad=True)
+    image_encoder, text_encoder, images, texts, log_scale = seeded_encoders_and_batch(BATCH, DIM, log_scale=3.0)
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     loss = symmetric_info_nce(image_encoder(images[rows]), text_encoder(texts[rows]), log_scale.exp(), rank, world,
                               fused=fused)
