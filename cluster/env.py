@@ -69,7 +69,7 @@ def read_dist_env(environ: dict[str, str] | None = None) -> DistEnv:
         local = int(env.get("SLURM_LOCALID", 0))
     else:
         rank, world, local = 0, 1, 0
-    addr = env.get("MASTER_ADDR", "127.0.0.1")
+    addr = env.get("MASTER_ADDR") or _first_slurm_host(env) or "127.0.0.1"
     # A single process rendezvouses with nobody, so it takes a fresh port even when MASTER_PORT is set:
     # an inherited one (a parent that trained in-process exported its own, and may still hold it) made
     # a child's TCPStore fail with EADDRINUSE.
@@ -86,3 +86,38 @@ def export_dist_env(dist_env: DistEnv) -> None:
         MASTER_ADDR=dist_env.master_addr,
         MASTER_PORT=str(dist_env.master_port),
     )
+
+
+def _first_slurm_host(env) -> str | None:
+    """The first node of a Slurm allocation, where rank 0 runs (srun places tasks in node order)."""
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    return expand_hostlist(nodelist)[0] if nodelist and "SLURM_PROCID" in env else None
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Slurm's compressed host list → host names, e.g. ``"gpu[01-03,07],login1"`` →
+    ``["gpu01", "gpu02", "gpu03", "gpu07", "login1"]`` (zero padding kept). The same as
+    ``scontrol show hostnames``, which job scripts use; this one works where scontrol is absent."""
+    hosts, i = [], 0
+    while i < len(hostlist):
+        j = i
+        while j < len(hostlist) and hostlist[j] not in ",[":
+            j += 1
+        prefix = hostlist[i:j]
+        if j < len(hostlist) and hostlist[j] == "[":
+            end = hostlist.index("]", j)
+            suffix_end = end + 1
+            while suffix_end < len(hostlist) and hostlist[suffix_end] != ",":
+                suffix_end += 1
+            suffix = hostlist[end + 1:suffix_end]
+            for part in hostlist[j + 1:end].split(","):
+                low, _, high = part.partition("-")
+                width = len(low)
+                for n in range(int(low), int(high or low) + 1):
+                    hosts.append(f"{prefix}{n:0{width}d}{suffix}")
+            i = suffix_end + 1
+        else:
+            if prefix:
+                hosts.append(prefix)
+            i = j + 1
+    return hosts

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from cluster import ClusterError
 from pretrain.config_io import ConfigError
 
 EPILOG_OVERRIDES = (
@@ -218,11 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     demo.set_defaults(func=cmd_demo)
 
-    from pretrain import eval_cli, precompute_cli, shard_cli  # noqa: PLC0415
+    from pretrain import eval_cli, precompute_cli, shard_cli, submit_cli  # noqa: PLC0415
 
     shard_cli.add_parser(sub)
     eval_cli.add_parser(sub)
     precompute_cli.add_parser(sub)
+    submit_cli.add_parser(sub)
     return parser
 
 
@@ -236,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"diffdis {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except ClusterError as error:
+        print(f"diffdis {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

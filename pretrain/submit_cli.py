@@ -1,0 +1,172 @@
+"""``diffdis submit slurm|k8s`` and ``diffdis jobs status|cancel|logs``: from a login node to a job.
+
+The renderers live in ``cluster/`` (pure functions of typed job configs); this module turns
+command-line options into those configs, checks the training config before anything is submitted,
+and prints what was written and where it will run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SUBMIT_DESCRIPTION = """\
+Submit a training job to a cluster. The trainer runs one rank per GPU, resumes with --resume auto,
+and on a preemption signal (SIGUSR1 before the time limit, SIGTERM) checkpoints and exits 75, which
+the job turns into a requeue (Slurm) or a pod restart (Kubernetes); any other failure is final.
+
+  slurm  renders RUN/slurm/train.sbatch and submits it with sbatch (--dry-run: print it only)
+  k8s    renders Kubernetes manifests to RUN/k8s/*.yaml, validates them offline, and with --apply
+         creates them with the kubernetes client (needs a kubeconfig)
+"""
+
+SLURM_EPILOG = """\
+Examples:
+  diffdis submit slurm --nodes 2 --gpus-per-node 8 --partition gpu --time 24:00:00 \\
+      --config configs/tiny.yaml --out /shared/runs/exp1 train.steps=100000 --dry-run
+  diffdis submit slurm --nodes 1 --gpus-per-node 0 --tasks-per-node 2 --config configs/tiny.yaml --out runs/cpu
+Then: diffdis jobs status /shared/runs/exp1, diffdis jobs logs /shared/runs/exp1.
+Logs: RUN/slurm/<name>-<jobid>.out (appended across requeues); checkpoints: RUN/checkpoints;
+TensorBoard: RUN/tensorboard; metrics: RUN/metrics.jsonl.
+"""
+
+JOBS_DESCRIPTION = """\
+Look after Slurm jobs submitted by `diffdis submit slurm`. JOB is a job id or the run directory
+(RUN/slurm/job_id is written at submission).
+  status JOB   state, restarts (requeues), exit code, log path; --json for one JSON object
+  status       the queue (squeue)
+  logs JOB     the last lines of the job's log (-n N; 0 = all)
+  cancel JOB   scancel; --signal USR1 instead asks the job to checkpoint and requeue itself
+"""
+
+
+def _slurm_job_from_args(args: argparse.Namespace):
+    from cluster.slurm import SlurmJob, default_entry  # noqa: PLC0415
+
+    return SlurmJob(
+        run_dir=str(Path(args.out).resolve()), config=str(Path(args.config).resolve()) if args.config else None,
+        overrides=list(args.overrides), name=args.name, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, partition=args.partition,
+        account=args.account, time=args.time, signal_grace_s=args.signal_grace,
+        requeue=not args.no_requeue, entry=args.entry or default_entry(), setup=list(args.setup or []),
+        env=dict(_parse_env(args.env or [])), extra_sbatch=list(args.sbatch or []))
+
+
+def _parse_env(items: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--env {item!r}: expected NAME=VALUE")
+        pairs.append((key, value))
+    return pairs
+
+
+def _check_training_config(args: argparse.Namespace) -> None:
+    """A bad config or override fails here, on the login node, not minutes later in the queue."""
+    from pretrain.config import load_run_config  # noqa: PLC0415
+
+    load_run_config(args.config, args.overrides)
+
+
+def cmd_submit_slurm(args: argparse.Namespace) -> int:
+    from cluster.slurm import render_sbatch, sbatch, write_script  # noqa: PLC0415
+    from cluster.slurm_jobs import JOB_ID_FILE  # noqa: PLC0415
+
+    job = _slurm_job_from_args(args)
+    _check_training_config(args)
+    if args.dry_run:
+        print(render_sbatch(job), end="")
+        return 0
+    script = write_script(job)
+    job_id = sbatch(script)
+    (job.slurm_dir / JOB_ID_FILE).write_text(job_id + "\n")
+    print(f"submitted Slurm job {job_id}: {job.world_size} ranks ({job.nodes} node(s) x {job.tasks_per_node})")
+    print(f"  script     : {script}\n  log        : {job.slurm_dir}/{job.name}-{job_id}.out")
+    print(f"  checkpoints: {job.run_dir}/checkpoints\n  tensorboard: tensorboard --logdir {job.run_dir}/tensorboard")
+    print(f"  status     : diffdis jobs status {job.run_dir}")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from cluster import slurm_jobs  # noqa: PLC0415
+
+    if args.action == "status" and args.job is None:
+        print(slurm_jobs.queue(), end="")
+        return 0
+    if args.job is None:
+        raise ValueError(f"jobs {args.action}: JOB (a job id or run directory) is required")
+    job_id = slurm_jobs.resolve_job_id(args.job)
+    if args.action == "status":
+        status = slurm_jobs.job_status(job_id)
+        if args.json:
+            print(status.to_json())
+        else:
+            for key, value in vars(status).items():
+                print(f"{key:>10}: {value}")
+    elif args.action == "cancel":
+        slurm_jobs.cancel(job_id, args.signal)
+        print(f"sent {args.signal} to job {job_id}" if args.signal else f"cancelled job {job_id}")
+    else:
+        path, text = slurm_jobs.log_tail(job_id, args.lines)
+        print(f"==> {path} <==\n{text}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    submit = sub.add_parser("submit", help="submit a training job to Slurm or Kubernetes", formatter_class=fmt,
+                            description=SUBMIT_DESCRIPTION)
+    targets = submit.add_subparsers(dest="target", required=True, metavar="TARGET")
+
+    slurm = targets.add_parser("slurm", help="render and sbatch a training job", formatter_class=fmt,
+                               epilog=SLURM_EPILOG, description="Render RUN/slurm/train.sbatch (one srun task per GPU, "
+                               "ranks from Slurm's variables, MASTER_ADDR = first node, --signal=USR1@GRACE, "
+                               "--requeue; exit 75 → scontrol requeue → --resume auto) and submit it.")
+    _add_training_args(slurm)
+    slurm.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    slurm.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node = ranks per node (default 8; "
+                       "0 for CPU nodes, then --tasks-per-node)")
+    slurm.add_argument("--tasks-per-node", type=int, default=None, help="ranks per node on CPU nodes")
+    slurm.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per rank (sets OMP_NUM_THREADS)")
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--account", default=None)
+    slurm.add_argument("--time", default=None, help="time limit, e.g. 24:00:00 (default: the partition's)")
+    slurm.add_argument("--signal-grace", type=int, default=120, metavar="SECONDS",
+                       help="SIGUSR1 this long before the time limit: one step plus a checkpoint must fit (default 120)")
+    slurm.add_argument("--no-requeue", action="store_true", help="exit 75 ends the job instead of requeueing it")
+    slurm.add_argument("--entry", default=None, help="command that runs diffdis on the compute nodes "
+                       "(default: this Python with -m pretrain.cli)")
+    slurm.add_argument("--setup", action="append", metavar="LINE", help="shell line before srun, e.g. 'module load cuda' "
+                       "(repeatable)")
+    slurm.add_argument("--env", action="append", metavar="NAME=VALUE", help="non-secret variable for every rank "
+                       "(repeatable); secrets travel in the submitting environment, which sbatch exports")
+    slurm.add_argument("--sbatch", action="append", metavar="OPTION", help="extra #SBATCH option, e.g. --exclusive")
+    slurm.set_defaults(func=cmd_submit_slurm)
+
+    jobs = sub.add_parser("jobs", help="status, logs and cancel of Slurm jobs", formatter_class=fmt,
+                          description=JOBS_DESCRIPTION)
+    jobs.add_argument("action", choices=["status", "cancel", "logs"])
+    jobs.add_argument("job", nargs="?", default=None, metavar="JOB", help="job id or run directory")
+    jobs.add_argument("--json", action="store_true", help="status: one JSON object")
+    jobs.add_argument("--signal", default=None, help="cancel: send this signal instead (USR1 = checkpoint and requeue)")
+    jobs.add_argument("-n", "--lines", type=int, default=50, help="logs: last N lines (0 = all)")
+    jobs.set_defaults(func=cmd_jobs)
+    _add_k8s_parser(targets)
+
+
+def _add_training_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="run config YAML (as for diffdis train)")
+    parser.add_argument("--out", type=Path, required=True, help="run directory on storage every node sees")
+    parser.add_argument("--name", default="diffdis", help="job name (default diffdis)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be submitted and stop")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides for diffdis train")
+
+
+def _add_k8s_parser(targets: argparse._SubParsersAction) -> None:
+    """Filled in by the Kubernetes part (cluster/k8s.py)."""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `diffdis submit` / `diffdis jobs`")

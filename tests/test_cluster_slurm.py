@@ -1,0 +1,153 @@
+"""`diffdis submit slurm` and `diffdis jobs` against a real Slurm: slurmctld + slurmd + munge from
+Debian's packages, installed and started on this machine by scripts/slurm-local.sh (root only).
+
+One 2-task CPU training job on the tiny config runs under srun with ranks from Slurm's variables;
+`diffdis jobs cancel --signal USR1` makes every rank checkpoint and exit 75; the batch script
+requeues the job, which resumes by itself (--resume auto) and finishes, its metrics continuing the
+ones before the requeue. A job that fails for another reason (its data is missing: exit 2) is not
+requeued. Deselect with -m "not slurm"."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain.checkpoint import COMPLETE, tag_for
+from pretrain.config import CONFIGS_DIR, load_run_config
+from pretrain.engine import lr_multiplier
+
+pytestmark = [pytest.mark.slurm, pytest.mark.integration]
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "slurm-local.sh"
+SECRET = "s3cr3t-value-never-rendered"
+STEPS = 24
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running single-node Slurm. Started here (and stopped after the session) unless one was
+    already answering. Not root, or no apt-get: skipped, with the reason in pytest's summary."""
+    if os.geteuid() != 0:
+        pytest.skip("real-Slurm tests need root to install and start slurmctld/slurmd/munge (CI runs as root)")
+    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
+        pytest.skip("no apt-get and no slurmctld: cannot install Slurm on this machine")
+    running = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True).returncode == 0
+    started = time.monotonic()
+    result = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"could not start Slurm:\n{result.stdout}\n{result.stderr}"
+    print(f"\nslurm-local: ready in {time.monotonic() - started:.1f} s (already running: {running})")
+    yield
+    if not running:
+        subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=120)
+
+
+def diffdis(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env or job_env(), timeout=120)
+
+
+def job_env() -> dict[str, str]:
+    """What sbatch exports to the job: this environment, with a credential in it that must never
+    reach a rendered file, and without rank variables."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    return {**env, "AWS_SECRET_ACCESS_KEY": SECRET, "OMP_NUM_THREADS": "1", "DIFFDIS_PROGRESS": "log"}
+
+
+def status(run: Path) -> dict:
+    result = diffdis("jobs", "status", str(run), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [r for r in map(json.loads, lines) if "event" not in r]
+
+
+def wait_until(condition, what: str, timeout: float, run: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    logs = "".join(p.read_text()[-3000:] for p in (run / "slurm").glob("*.out")) if run else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
+
+
+def submit(run: Path, *extra: str, tasks: int = 2) -> str:
+    result = diffdis("submit", "slurm", "--gpus-per-node", "0", "--tasks-per-node", str(tasks), "--cpus-per-task", "1",
+                     "--config", str(CONFIGS_DIR / "tiny.yaml"), "--out", str(run), "--name", run.name, *extra)
+    assert result.returncode == 0, result.stderr
+    return (run / "slurm" / "job_id").read_text().strip()
+
+
+def test_preempt_requeue_resume_and_failure_not_requeued(slurm, tmp_path):
+    t0 = time.monotonic()
+    run = tmp_path / "train"
+    job = submit(run, f"train.steps={STEPS}", "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=1000",
+                 "train.keep_last=0")
+    script = (run / "slurm" / "train.sbatch").read_text()
+    assert SECRET not in script and "--signal=USR1@120" in script and "--requeue" in script
+    assert "--resume auto" in script and "--ntasks-per-node=2" in script
+
+    assert status(run)["state"] in ("PENDING", "RUNNING")
+    wait_until(lambda: len(metrics(run)) >= 3, "3 logged steps", 240, run)
+    first = status(run)
+    assert first["state"] == "RUNNING" and first["restarts"] == 0 and first["job_id"] == job
+    t_signal = time.monotonic()
+    result = diffdis("jobs", "cancel", str(run), "--signal", "USR1")
+    assert result.returncode == 0, result.stderr
+
+    # a job that fails for another reason (its shards do not exist): queued behind the training job
+    failing = tmp_path / "fails"
+    submit(failing, "data.source=shards", f"data.shards={tmp_path}/no-such-shards", tasks=1)
+
+    # the preempted job checkpoints at the step every rank agreed on, exits 75 and is requeued
+    log = run / "slurm" / f"{run.name}-{job}.out"
+    wait_until(lambda: "requeueing job" in log.read_text(), "the requeue line in the job log", 120, run)
+    stopped = max(r["step"] for r in metrics(run))
+    assert (run / "checkpoints" / tag_for(stopped) / COMPLETE).is_file()
+    assert "step exited with 75" in log.read_text()
+    requeued = wait_until(lambda: (s := status(run))["restarts"] >= 1 and s, "restarts=1", 60, run)
+    t_requeued = time.monotonic()
+    assert requeued["state"] in ("PENDING", "REQUEUED", "RUNNING"), requeued
+
+    done = wait_until(lambda: (s := status(failing))["state"] in ("FAILED", "COMPLETED") and s, "the failing job", 240)
+    assert done["state"] == "FAILED" and done["restarts"] == 0 and done["exit_code"].startswith("2:"), done
+    failing_log = diffdis("jobs", "logs", str(failing), "-n", "0").stdout
+    assert "step exited with 2" in failing_log and "requeueing" not in failing_log
+
+    final = wait_until(lambda: (s := status(run))["state"] in ("COMPLETED", "FAILED") and s, "the resumed job", 300, run)
+    t_end = time.monotonic()
+    text = log.read_text()
+    assert final["state"] == "COMPLETED" and final["restarts"] == 1, (final, text[-3000:])
+    assert "(restart 0)" in text and "(restart 1)" in text
+    assert f"resumed from {run / 'checkpoints' / tag_for(stopped)} (step {stopped}" in text
+
+    # the metrics after the requeue continue the ones before it: every step once, the LR schedule on
+    steps = [r["step"] for r in metrics(run)]
+    assert steps == list(range(1, STEPS + 1)), steps
+    optim = load_run_config(CONFIGS_DIR / "tiny.yaml", [f"train.steps={STEPS}"]).optim
+    expected = [optim.lr * lr_multiplier(s, optim.warmup_steps, STEPS, optim.min_lr_ratio) for s in steps]
+    assert [r["lr"] for r in metrics(run)] == pytest.approx(expected, rel=1e-6)  # a restart would repeat step 1's LR
+    assert all(math.isfinite(r["loss"]) for r in metrics(run))
+    print(f"\nslurm timings: first steps + USR1 at {t_signal - t0:.1f} s, requeued after {t_requeued - t_signal:.1f} s, "
+          f"finished {t_end - t_requeued:.1f} s later; stopped at step {stopped}; total {t_end - t0:.1f} s")
+
+
+def test_bad_config_is_refused_before_submission(slurm, tmp_path):
+    result = diffdis("submit", "slurm", "--gpus-per-node", "0", "--tasks-per-node", "1", "--config",
+                     str(CONFIGS_DIR / "tiny.yaml"), "--out", str(tmp_path / "run"), "train.stepz=3")
+    assert result.returncode == 2 and "train.stepz" in result.stderr
+    assert not (tmp_path / "run" / "slurm" / "job_id").exists()
