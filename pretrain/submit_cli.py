@@ -164,8 +164,86 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides for diffdis train")
 
 
+K8S_EPILOG = """\
+Examples:
+  diffdis submit k8s --image registry.example.com/diffdis:0.1 --nodes 2 --gpus-per-node 8 \\
+      --pvc diffdis-runs --out /data/runs/exp1 --config configs/tiny.yaml \\
+      --secret-env AWS_ACCESS_KEY_ID=s3-creds/access-key --secret-env AWS_SECRET_ACCESS_KEY=s3-creds/secret-key \\
+      --name exp1 --dry-run
+  ... --operator pytorchjob        for clusters on the training operator v1 (PyTorchJob)
+  ... --shard digits /data/shards  also a KubeRay RayJob running diffdis shard on a Ray cluster
+--config and --out are paths inside the image / on the volume claim (mounted at --mount-path).
+Logs: kubectl logs -l app.kubernetes.io/instance=NAME,app.kubernetes.io/component=trainer;
+checkpoints: OUT/checkpoints on the claim; TensorBoard: kubectl port-forward svc/NAME-tensorboard 6006.
+"""
+
+
+def cmd_submit_k8s(args: argparse.Namespace) -> int:
+    from cluster.k8s import K8sJob, ShardSpec, render_manifests, to_yaml  # noqa: PLC0415
+    from cluster.k8s_validate import validate_manifests  # noqa: PLC0415
+
+    if args.config is not None and Path(args.config).is_file():
+        _check_training_config(args)  # the image's copy is what runs; a local copy is checked when there is one
+    shard = ShardSpec(args.shard[0], args.shard[1], workers=args.ray_workers) if args.shard else None
+    job = K8sJob(name=args.name, image=args.image, run_dir=str(args.out), config=str(args.config) if args.config else None,
+                 overrides=list(args.overrides), namespace=args.namespace, nodes=args.nodes,
+                 gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node, memory_per_node=args.memory_per_node,
+                 operator=args.operator, backoff_limit=args.backoff_limit, grace_s=args.grace,
+                 volume_claim=args.pvc, mount_path=args.mount_path, entry=args.entry, env=dict(_parse_env(args.env or [])),
+                 secret_env=dict(_parse_env(args.secret_env or [])), tensorboard=not args.no_tensorboard, shard=shard)
+    manifests = render_manifests(job)
+    validate_manifests(manifests)
+    text = to_yaml(manifests)
+    if args.dry_run:
+        print(text, end="")
+        return 0
+    path = Path(args.write or f"{job.name}.k8s.yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    kinds = ", ".join(f"{m['kind']}/{m['metadata']['name']}" for m in manifests)
+    print(f"wrote {path} ({kinds}); validated offline")
+    if args.apply:
+        from cluster.k8s_apply import apply  # noqa: PLC0415
+
+        print("created: " + ", ".join(apply(manifests)))
+    else:
+        print(f"submit with: kubectl apply -f {path}   (or rerun with --apply)")
+    return 0
+
+
 def _add_k8s_parser(targets: argparse._SubParsersAction) -> None:
-    """Filled in by the Kubernetes part (cluster/k8s.py)."""
+    k8s = targets.add_parser("k8s", help="render, validate and (with --apply) create Kubernetes manifests",
+                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=K8S_EPILOG,
+                             description="Render the trainer as a Kubeflow Trainer v2 TrainJob (+ its TrainingRuntime, "
+                             "whose podFailurePolicy restarts a pod that exits 75 without counting it against "
+                             "--backoff-limit) or a PyTorchJob, TensorBoard as a Deployment + ClusterIP Service, and "
+                             "with --shard the data pipeline as a KubeRay RayJob. Validated offline (strict) before "
+                             "anything is written. Credentials only as Secret references (--secret-env).")
+    _add_training_args(k8s)
+    k8s.add_argument("--image", required=True, help="container image with diffdis installed")
+    k8s.add_argument("--nodes", type=int, default=1, help="pods (one per node; default 1)")
+    k8s.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per pod = ranks per pod (default 8; 0: one CPU rank)")
+    k8s.add_argument("--cpus-per-node", type=int, default=None)
+    k8s.add_argument("--memory-per-node", default=None, help="e.g. 512Gi")
+    k8s.add_argument("--operator", choices=["trainjob", "pytorchjob"], default="trainjob",
+                     help="trainjob: Kubeflow Trainer v2 (default); pytorchjob: the training operator v1")
+    k8s.add_argument("--namespace", default="default")
+    k8s.add_argument("--backoff-limit", type=int, default=3, help="failures other than exit 75 before the job fails")
+    k8s.add_argument("--grace", type=int, default=120, metavar="SECONDS",
+                     help="terminationGracePeriodSeconds: time to checkpoint after SIGTERM (default 120)")
+    k8s.add_argument("--pvc", default=None, metavar="CLAIM", help="PersistentVolumeClaim holding runs, mounted at --mount-path")
+    k8s.add_argument("--mount-path", default="/data")
+    k8s.add_argument("--entry", default="diffdis", help="the diffdis command inside the image (default diffdis)")
+    k8s.add_argument("--env", action="append", metavar="NAME=VALUE", help="non-secret variable (repeatable)")
+    k8s.add_argument("--secret-env", action="append", metavar="NAME=SECRET/KEY",
+                     help="variable read from a Kubernetes Secret (repeatable); the value never enters the manifest")
+    k8s.add_argument("--shard", nargs=2, metavar=("SOURCE", "OUTPUT"), default=None,
+                     help="also render a RayJob running `diffdis shard SOURCE OUTPUT --ray-address auto`")
+    k8s.add_argument("--ray-workers", type=int, default=2, help="Ray worker pods for --shard (default 2)")
+    k8s.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard Deployment/Service")
+    k8s.add_argument("--write", default=None, metavar="FILE", help="where to write the manifests (default NAME.k8s.yaml)")
+    k8s.add_argument("--apply", action="store_true", help="create the objects with the kubernetes client (needs a kubeconfig)")
+    k8s.set_defaults(func=cmd_submit_k8s)
 
 
 if __name__ == "__main__":  # pragma: no cover
