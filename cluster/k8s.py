@@ -75,7 +75,7 @@ class K8sJob:
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name) or len(self.name) > 40:
-            raise ValueError(f"name={self.name!r}: lowercase letters, digits and '-', at most 40 characters "
+            raise ValueError(f"name (--name) = {self.name!r}: lowercase letters, digits and '-', at most 40 characters "
                              "(it prefixes every object's name)")
         if self.nodes < 1 or self.gpus_per_node < 0:
             raise ValueError(f"nodes={self.nodes}, gpus_per_node={self.gpus_per_node}: need nodes >= 1, gpus >= 0")
@@ -83,11 +83,11 @@ class K8sJob:
             raise ValueError(f"operator={self.operator!r}: 'trainjob' (Kubeflow Trainer v2) or 'pytorchjob'")
         for key in self.env:
             if looks_secret(key):
-                raise ValueError(f"env.{key}: looks like a credential; use secret_env ({key}=SECRET/KEY), "
+                raise ValueError(f"env.{key} (--env): looks like a credential; use --secret-env {key}=SECRET/KEY, "
                                  "which renders a reference to a Kubernetes Secret")
         for key, ref in self.secret_env.items():
             if ref.count("/") != 1 or not all(ref.split("/")):
-                raise ValueError(f"secret_env.{key}={ref!r}: expected SECRET_NAME/KEY")
+                raise ValueError(f"secret_env.{key} (--secret-env) = {ref!r}: expected SECRET_NAME/KEY")
 
     @property
     def procs_per_node(self) -> int:

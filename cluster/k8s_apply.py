@@ -21,7 +21,7 @@ def kubeconfig_present() -> bool:
     import os  # noqa: PLC0415
 
     path = os.environ.get("KUBECONFIG", str(Path.home() / ".kube" / "config"))
-    return any(Path(p).is_file() for p in path.split(os.pathsep)) or "KUBERNETES_SERVICE_HOST" in os.environ
+    return any(Path(p).is_file() for p in path.split(os.pathsep)) or bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
 
 def apply(manifests: list[dict[str, Any]]) -> list[str]:

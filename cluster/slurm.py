@@ -67,23 +67,23 @@ class SlurmJob:
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
-            raise ValueError(f"nodes={self.nodes}: must be >= 1")
+            raise ValueError(f"nodes (--nodes) = {self.nodes}: must be >= 1")
         if self.gpus_per_node < 0:
-            raise ValueError(f"gpus_per_node={self.gpus_per_node}: must be >= 0")
+            raise ValueError(f"gpus_per_node (--gpus-per-node) = {self.gpus_per_node}: must be >= 0")
         if self.tasks_per_node is None:
             if self.gpus_per_node == 0:
-                raise ValueError("tasks_per_node: required when gpus_per_node=0 (CPU nodes have no GPU to count)")
+                raise ValueError("tasks_per_node (--tasks-per-node): required when gpus_per_node=0 (CPU nodes have no GPU to count ranks by)")
             self.tasks_per_node = self.gpus_per_node
         if self.tasks_per_node < 1:
-            raise ValueError(f"tasks_per_node={self.tasks_per_node}: must be >= 1")
+            raise ValueError(f"tasks_per_node (--tasks-per-node) = {self.tasks_per_node}: must be >= 1")
         if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
-            raise ValueError(f"tasks_per_node={self.tasks_per_node} with gpus_per_node={self.gpus_per_node}: "
+            raise ValueError(f"tasks_per_node (--tasks-per-node) = {self.tasks_per_node} with gpus_per_node={self.gpus_per_node}: "
                              "the trainer runs one rank per GPU")
         if self.signal_grace_s < 1:
-            raise ValueError(f"signal_grace_s={self.signal_grace_s}: must be >= 1")
+            raise ValueError(f"signal_grace_s (--signal-grace) = {self.signal_grace_s}: must be >= 1")
         for key in self.env:
             if looks_secret(key):
-                raise ValueError(f"env.{key}: looks like a credential; pass secrets through the job's environment "
+                raise ValueError(f"env.{key} (--env): looks like a credential; pass secrets through the job's environment "
                                  "(sbatch exports the submitting shell's) or a file, never in the script")
 
     @property
@@ -127,6 +127,8 @@ def render_sbatch(job: SlurmJob) -> str:
     header = "\n".join(f"#SBATCH {shlex.quote(o) if ' ' in o else o}" for o in options)
     env_lines = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(job.env.items()))
     setup = "\n".join(job.setup)
+    # srun of Slurm 22.05-23.02 does not inherit sbatch's --cpus-per-task: pass it again
+    cpus = f" --cpus-per-task={job.cpus_per_task}" if job.cpus_per_task else ""
     threads = "" if job.cpus_per_task is None else "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}\n"
     requeue = (f"""if [ "$code" -eq {REQUEUE_EXIT_CODE} ]; then
     echo "diffdis-slurm: exit {REQUEUE_EXIT_CODE} (checkpointed after a preemption signal): requeueing job $SLURM_JOB_ID"
@@ -135,9 +137,9 @@ fi""" if job.requeue else f"# --no-requeue: exit {REQUEUE_EXIT_CODE} ends the jo
     return f"""#!/bin/bash
 # Rendered by `diffdis submit slurm` (cluster/slurm.py). {job.nodes} node(s) x {job.tasks_per_node} task(s) = {job.world_size} ranks.
 {header}
-set -u
+{setup + chr(10) if setup else ""}set -u
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE  # ranks come from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID
-{setup + chr(10) if setup else ""}{env_lines + chr(10) if env_lines else ""}{threads}# rendezvous on the first node of the allocation; a port per job id
+{env_lines + chr(10) if env_lines else ""}{threads}# rendezvous on the first node of the allocation; a port per job id
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=$(( {MASTER_PORT_BASE} + SLURM_JOB_ID % 10000 ))
 echo "diffdis-slurm: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT, $(date -u +%FT%TZ)"
@@ -145,7 +147,7 @@ echo "diffdis-slurm: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on 
 # SIGTERM (time limit, preemption, scancel) reaches the tasks too: they checkpoint and exit {REQUEUE_EXIT_CODE}.
 # The shell keeps waiting so that the step's exit code decides what happens next.
 trap 'echo "diffdis-slurm: batch shell got SIGTERM; waiting for the step"' TERM
-srun --kill-on-bad-exit=0 {train_command(job)} &
+srun --kill-on-bad-exit=0{cpus} {train_command(job)} &
 step=$!
 while true; do
     wait "$step"; code=$?
