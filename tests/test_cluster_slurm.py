@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 SECRET = "s3cr3t-value-never-rendered"
-STEPS = 24
+STEPS = 12
 
 
 @pytest.fixture(scope="session")
@@ -102,9 +102,11 @@ def test_preempt_requeue_resume_and_failure_not_requeued(slurm, tmp_path):
     assert "--resume auto" in script and "--ntasks-per-node=2" in script
 
     assert status(run)["state"] in ("PENDING", "RUNNING")
-    wait_until(lambda: len(metrics(run)) >= 3, "3 logged steps", 240, run)
+    wait_until(lambda: len(metrics(run)) >= 2, "2 logged steps", 240, run)
     first = status(run)
     assert first["state"] == "RUNNING" and first["restarts"] == 0 and first["job_id"] == job
+    listing = diffdis("jobs", "status").stdout.splitlines()  # the queue, as squeue shows it
+    assert any(line.split()[:3] == [job, run.name, "RUNNING"] for line in listing), listing
     t_signal = time.monotonic()
     result = diffdis("jobs", "cancel", str(run), "--signal", "USR1")
     assert result.returncode == 0, result.stderr
