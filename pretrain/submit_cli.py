@@ -16,9 +16,10 @@ Submit a training job to a cluster. The trainer runs one rank per GPU, resumes w
 and on a preemption signal (SIGUSR1 before the time limit, SIGTERM) checkpoints and exits 75, which
 the job turns into a requeue (Slurm) or a pod restart (Kubernetes); any other failure is final.
 
-  slurm  renders RUN/slurm/train.sbatch and submits it with sbatch (--dry-run: print it only)
-  k8s    renders Kubernetes manifests to RUN/k8s/*.yaml, validates them offline, and with --apply
-         creates them with the kubernetes client (needs a kubeconfig)
+  slurm        renders RUN/slurm/train.sbatch and submits it with sbatch (--dry-run: print it only)
+  slurm-shard  the data pipeline: Ray head + workers started with srun, then diffdis shard
+  k8s          renders Kubernetes manifests (--write FILE), validates them offline, and with --apply
+               creates them with the kubernetes client (needs a kubeconfig)
 """
 
 SLURM_EPILOG = """\
@@ -89,6 +90,29 @@ def cmd_submit_slurm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit_slurm_shard(args: argparse.Namespace) -> int:
+    from cluster.slurm import sbatch  # noqa: PLC0415
+    from cluster.slurm_jobs import JOB_ID_FILE  # noqa: PLC0415
+    from cluster.slurm_ray import RayShardJob, default_bin_dir, render_ray_sbatch, write_script  # noqa: PLC0415
+
+    run_dir = Path(args.run_dir or Path("runs") / args.name).resolve()
+    shard_args = (["--config", str(Path(args.shard_config).resolve())] if args.shard_config else []) + list(args.overrides)
+    local_output = "://" not in args.output
+    job = RayShardJob(source=args.source, output=str(Path(args.output).resolve()) if local_output else args.output,
+                      log_dir=str(run_dir / "slurm"), shard_args=shard_args, name=args.name, nodes=args.nodes,
+                      cpus_per_node=args.cpus_per_node, partition=args.partition, account=args.account, time=args.time,
+                      bin_dir=args.bin_dir or default_bin_dir(), setup=list(args.setup or []))
+    if args.dry_run:
+        print(render_ray_sbatch(job), end="")
+        return 0
+    script = write_script(job)
+    job_id = sbatch(script)
+    (run_dir / "slurm" / JOB_ID_FILE).write_text(job_id + "\n")
+    print(f"submitted Slurm job {job_id}: Ray on {job.nodes} node(s) x {job.cpus_per_node} CPUs, diffdis shard -> {job.output}")
+    print(f"  script: {script}\n  log   : {job.log_dir}/{job.name}-{job_id}.out\n  status: diffdis jobs status {run_dir}")
+    return 0
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     from cluster import slurm_jobs  # noqa: PLC0415
 
@@ -144,6 +168,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "(repeatable); secrets travel in the submitting environment, which sbatch exports")
     slurm.add_argument("--sbatch", action="append", metavar="OPTION", help="extra #SBATCH option, e.g. --exclusive")
     slurm.set_defaults(func=cmd_submit_slurm)
+
+    ray = targets.add_parser("slurm-shard", help="the data pipeline (diffdis shard) on a Ray cluster inside a Slurm job",
+                             formatter_class=fmt, description="Render RUN/slurm/shard.sbatch: a Ray head on the first node, "
+                             "a Ray worker on every other node (srun), then `diffdis shard SOURCE OUTPUT --ray-address "
+                             "HEAD:PORT`; submit it with sbatch. Requeued after a preemption, diffdis shard resumes "
+                             "(writes only the missing shards).",
+                             epilog="Example:\n  diffdis submit slurm-shard captions.parquet s3://bucket/laion-64 --nodes 4 "
+                             "--cpus-per-node 64 \\\n      --shard-config configs/data/digits.yaml image.size=64 --name laion64\n"
+                             "Then: diffdis jobs status runs/laion64; logs in runs/laion64/slurm/.")
+    ray.add_argument("source", metavar="SOURCE", help="as for diffdis shard")
+    ray.add_argument("output", metavar="OUTPUT_URL", help="as for diffdis shard (a shared path or s3://)")
+    ray.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted ShardConfig overrides")
+    ray.add_argument("--shard-config", default=None, help="diffdis shard --config YAML")
+    ray.add_argument("--nodes", type=int, default=1, help="nodes: 1 head (also a worker) + N-1 workers (default 1)")
+    ray.add_argument("--cpus-per-node", type=int, default=32, help="CPUs Ray uses per node (default 32)")
+    ray.add_argument("--partition", default=None)
+    ray.add_argument("--account", default=None)
+    ray.add_argument("--time", default=None)
+    ray.add_argument("--name", default="diffdis-shard", help="job name (default diffdis-shard)")
+    ray.add_argument("--run-dir", default=None, help="where the script, job id and log go (default runs/NAME)")
+    ray.add_argument("--bin-dir", default=None, help="directory with ray and python on the compute nodes "
+                     "(default: this interpreter's)")
+    ray.add_argument("--setup", action="append", metavar="LINE", help="shell line before Ray starts (repeatable)")
+    ray.add_argument("--dry-run", action="store_true", help="print the script and stop")
+    ray.set_defaults(func=cmd_submit_slurm_shard)
 
     jobs = sub.add_parser("jobs", help="status, logs and cancel of Slurm jobs", formatter_class=fmt,
                           description=JOBS_DESCRIPTION)

@@ -268,3 +268,19 @@ def test_cli_dry_runs_print_exactly_what_is_rendered(tmp_path):
     assert no_cluster.returncode == 1 and "--apply: no kubeconfig" in no_cluster.stderr
     help_text = diffdis("submit", "slurm", "--help").stdout
     assert "exit 75" in help_text and "--signal-grace" in help_text and "RUN/slurm/" in help_text
+
+
+def test_ray_shard_sbatch_golden_and_structure():
+    from cluster.slurm_ray import RayShardJob, render_ray_sbatch  # noqa: PLC0415
+
+    script = render_ray_sbatch(RayShardJob(source="captions.parquet", output="s3://bucket/laion-64", log_dir="/shared/runs/sh/slurm",
+                                           shard_args=["--config", "/shared/cfg/data.yaml", "image.size=64"], nodes=4,
+                                           cpus_per_node=64, partition="cpu", bin_dir="/shared/venv/bin"))
+    assert_golden("slurm-shard-4node.sbatch", script)
+    options = sbatch_options(script)
+    assert (options["nodes"], options["ntasks-per-node"], options["cpus-per-task"]) == ("4", "1", "64")
+    assert "--head" in script and 'for node in "${nodes[@]:1}"' in script  # head on node 0, a worker on each other
+    assert script.count("ray start") == 2 and '--ray-address "$head:$port"' in script
+    assert "requeue" in options and "shard captions.parquet s3://bucket/laion-64" in script
+    assert_no_secrets(script)
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)

@@ -59,7 +59,8 @@ def job_env() -> dict[str, str]:
     reach a rendered file, and without rank variables."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    return {**env, "AWS_SECRET_ACCESS_KEY": SECRET, "OMP_NUM_THREADS": "1", "DIFFDIS_PROGRESS": "log"}
+    # PYTHONPATH: Ray workers of the shard job import this checkout, not the installed copy
+    return {**env, "AWS_SECRET_ACCESS_KEY": SECRET, "OMP_NUM_THREADS": "1", "DIFFDIS_PROGRESS": "log", "PYTHONPATH": str(ROOT)}
 
 
 def status(run: Path) -> dict:
@@ -153,3 +154,20 @@ def test_bad_config_is_refused_before_submission(slurm, tmp_path):
                      str(CONFIGS_DIR / "tiny.yaml"), "--out", str(tmp_path / "run"), "train.stepz=3")
     assert result.returncode == 2 and "train.stepz" in result.stderr
     assert not (tmp_path / "run" / "slurm" / "job_id").exists()
+
+
+def test_ray_shard_job_on_slurm(slurm, tmp_path):
+    """The data pipeline as a Ray-on-Slurm job: Ray head started with srun, diffdis shard joins it."""
+    t0 = time.monotonic()
+    out, run = tmp_path / "shards", tmp_path / "shard-run"
+    result = diffdis("submit", "slurm-shard", "digits", str(out), "--shard-config", str(CONFIGS_DIR / "data" / "digits.yaml"),
+                     "--nodes", "1", "--cpus-per-node", "2", "--name", "shardjob", "--run-dir", str(run))
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in (run / "slurm" / "shard.sbatch").read_text()
+    final = wait_until(lambda: (s := status(run))["state"] in ("COMPLETED", "FAILED") and s, "the shard job", 300, run)
+    log = diffdis("jobs", "logs", str(run), "-n", "0").stdout
+    assert final["state"] == "COMPLETED", log[-3000:]
+    assert "Ray head" in log and "diffdis shard exited with 0" in log
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sum(s["samples"] for s in manifest["shards"]) == manifest["total_samples"] > 1000, manifest.keys()
+    print(f"\nray-on-slurm shard job: {time.monotonic() - t0:.1f} s")
