@@ -188,7 +188,8 @@ def _exit_code_wrapper(job: K8sJob) -> list[str]:
     """sh -c that runs the trainer, forwards SIGTERM to it, and reports exit 75 as 143 (retryable
     under the training operator's ExitCode policy); every other code unchanged."""
     command = " ".join(shlex.quote(p) for p in [*shlex.split(job.entry), *train_args(job)])
-    script = (f'trap \'kill -TERM "$pid" 2>/dev/null\' TERM; {command} & pid=$!; '
+    script = ('export PET_NODE_RANK="${PET_NODE_RANK:-${RANK:-0}}"; '  # the operator's RANK is the pod's index
+              f'trap \'kill -TERM "$pid" 2>/dev/null\' TERM; {command} & pid=$!; '
               'while true; do wait "$pid"; code=$?; kill -0 "$pid" 2>/dev/null || break; done; '
               f'[ "$code" -eq {REQUEUE_EXIT_CODE} ] && exit {RETRYABLE_EXIT_CODE}; exit "$code"')
     return ["/bin/sh", "-c", script]

@@ -17,7 +17,7 @@ How the script works:
 - exit 75 from the step → the script calls ``scontrol requeue`` on its own job (``--requeue``): the
   job goes back to the queue with the same id and, on its next start, ``--resume auto`` continues
   from the newest complete checkpoint. Any other non-zero exit ends the job as FAILED.
-- the batch shell traps SIGTERM (preemption, time limit, ``scancel``) and keeps waiting for the
+- the batch shell traps SIGTERM and SIGUSR1 (preemption, time limit, ``scancel``) and keeps waiting for the
   step, so the step's exit code still decides; srun reports the highest exit code of its tasks.
 """
 
@@ -145,8 +145,9 @@ export MASTER_PORT=$(( {MASTER_PORT_BASE} + SLURM_JOB_ID % 10000 ))
 echo "diffdis-slurm: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT, $(date -u +%FT%TZ)"
 
 # SIGTERM (time limit, preemption, scancel) reaches the tasks too: they checkpoint and exit {REQUEUE_EXIT_CODE}.
-# The shell keeps waiting so that the step's exit code decides what happens next.
-trap 'echo "diffdis-slurm: batch shell got SIGTERM; waiting for the step"' TERM
+# The shell keeps waiting so that the step's exit code decides what happens next (USR1 likewise, should
+# it be sent to the batch shell with scancel -b).
+trap 'echo "diffdis-slurm: batch shell got a signal; waiting for the step"' TERM USR1
 srun --kill-on-bad-exit=0{cpus} {train_command(job)} &
 step=$!
 while true; do

@@ -20,7 +20,7 @@ EPILOG_OVERRIDES = (
 
 
 def _setup_logging(verbose: bool) -> None:
-    rank = os.environ.get("RANK", "0")
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID", "0")  # srun sets only SLURM_PROCID
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
