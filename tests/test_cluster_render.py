@@ -284,3 +284,23 @@ def test_ray_shard_sbatch_golden_and_structure():
     assert "requeue" in options and "shard captions.parquet s3://bucket/laion-64" in script
     assert_no_secrets(script)
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+@pytest.mark.parametrize("command", [["submit"], ["submit", "slurm"], ["submit", "slurm-shard"], ["submit", "k8s"], ["jobs"]])
+def test_cluster_commands_explain_themselves(command, capsys):
+    from pretrain.cli import main  # noqa: PLC0415
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and len(out) > 600
+    assert "75" in out or command[-1] in ("jobs", "slurm-shard")  # the exit-code contract, where training is submitted
+
+
+def test_jobs_errors_name_the_job(tmp_path, capsys):
+    from pretrain.cli import main  # noqa: PLC0415
+
+    assert main(["jobs", "status", str(tmp_path)]) == 2
+    assert f"{str(tmp_path)!r} is neither a Slurm job id nor a run directory with slurm/job_id" in capsys.readouterr().err
+    assert main(["jobs", "logs"]) == 2
+    assert "JOB (a job id or run directory) is required" in capsys.readouterr().err
