@@ -10,6 +10,7 @@ complete checkpoint, which is why checkpoints are written whole with ``COMPLETE`
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -20,13 +21,42 @@ REQUEUE_EXIT_CODE = 75
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+EARLY_SIGNALS = (signal.SIGUSR1,)
+EARLY_SIGNAL_ENV = "DIFFDIS_EARLY_SIGNAL"  # set by the local launcher for workers it starts after such a signal
+_early: dict[str, int | None] = {"signum": None}
+
+
+def catch_early(signals: tuple[int, ...] = EARLY_SIGNALS) -> None:
+    """Record a preemption warning that arrives before the trainer's watcher exists.
+
+    Starting a rank takes tens of seconds (imports, DeepSpeed, the data stream); SIGUSR1's default
+    action is to terminate, so Slurm's ``--signal=USR1@GRACE`` or ``scancel --signal=USR1`` in that
+    window would kill the rank with 138, which is not the requeue code. Recorded here, the first
+    :class:`PreemptionWatcher` takes it over: the run stops after its first step, checkpoints and exits
+    75. SIGTERM keeps its default (a plain ``kill`` of a starting run ends it at once)."""
+    def record(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
+        _early["signum"] = signum
+
+    if os.environ.get(EARLY_SIGNAL_ENV):
+        _early["signum"] = int(os.environ[EARLY_SIGNAL_ENV])
+    if threading.current_thread() is threading.main_thread():
+        for signum in signals:
+            signal.signal(signum, record)
+
+
+def early_signal() -> int | None:
+    """The preemption warning recorded by :func:`catch_early` and not yet taken by a watcher."""
+    return _early["signum"]
+
+
 class PreemptionWatcher:
     """Records whether a preemption signal arrived; :meth:`agreed` turns the local flags of all ranks
     into one decision. Handlers are installed on construction (main thread only) and restored by
     :meth:`close`. The handler only sets a flag: the training step in flight finishes normally."""
 
     def __init__(self, signals: tuple[int, ...] = PREEMPTION_SIGNALS):
-        self.requested: int | None = None  # the signal number received, if any
+        self.requested: int | None = _early["signum"]  # the signal number received, if any (even before us)
+        _early["signum"] = None
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
             for signum in signals:

@@ -33,7 +33,9 @@ def _print_json(record: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cluster.preemption import REQUEUE_EXIT_CODE  # noqa: PLC0415
+    from cluster.preemption import REQUEUE_EXIT_CODE, catch_early  # noqa: PLC0415
+
+    catch_early()  # a SIGUSR1 during the slow start-up below must not kill the rank (cluster/preemption.py)
     from pretrain.config import load_run_config  # noqa: PLC0415 - keep --help fast
 
     config = load_run_config(args.config, args.overrides)  # bad config: exit 2 before any process starts

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from cluster.env import free_port
-from cluster.preemption import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE
+from cluster.preemption import EARLY_SIGNAL_ENV, PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE, early_signal
 from pretrain.engine import default_extensions_dir
 
 log = logging.getLogger("diffdis.launch")
@@ -101,7 +101,9 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     port = layout.master_port or free_port()
     world = nproc * layout.nnodes
     command = [sys.executable, "-m", "pretrain.cli", *argv]
-    workers = [subprocess.Popen(command, env=worker_environment(
+    early = early_signal()  # a preemption warning that reached us while we were starting: pass it on
+    extra = {EARLY_SIGNAL_ENV: str(early)} if early else {}
+    workers = [subprocess.Popen(command, env=extra | worker_environment(
         layout.node_rank * nproc + local, world, port, local_rank=local, local_world_size=nproc,
         master_addr=layout.master_addr)) for local in range(nproc)]
     log.info("started %d processes (node %d of %d, master %s:%d): %s", nproc, layout.node_rank, layout.nnodes,

@@ -120,7 +120,8 @@ def test_preempt_requeue_resume_and_failure_not_requeued(slurm, tmp_path):
     log = run / "slurm" / f"{run.name}-{job}.out"
     wait_until(lambda: "requeueing job" in log.read_text(), "the requeue line in the job log", 120, run)
     stopped = max(r["step"] for r in metrics(run))
-    assert (run / "checkpoints" / tag_for(stopped) / COMPLETE).is_file()
+    marker = json.loads((run / "checkpoints" / tag_for(stopped) / COMPLETE).read_text())
+    assert marker["world_size"] == 2 and marker["step"] == stopped  # 2 ranks, from SLURM_PROCID / SLURM_NTASKS
     assert "step exited with 75" in log.read_text()
     requeued = wait_until(lambda: (s := status(run))["restarts"] >= 1 and s, "restarts=1", 60, run)
     t_requeued = time.monotonic()
