@@ -37,6 +37,12 @@ write_conf() {
     cpus="${SLURM_LOCAL_CPUS:-$(nproc)}"
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))  # MB; half, leaves room for the rest
     mkdir -p "$conf_dir"
+    if [ -f "$conf_dir/slurm.conf" ] && ! grep -q "written by scripts/slurm-local.sh" "$conf_dir/slurm.conf" \
+        && [ -z "${SLURM_LOCAL_FORCE:-}" ]; then
+        log "$conf_dir/slurm.conf exists and is not ours (a real Slurm installation?): not overwriting it;"
+        log "set SLURM_LOCAL_FORCE=1 to replace it"
+        exit 1
+    fi
     cat > "$conf_dir/slurm.conf" <<CONF
 # written by scripts/slurm-local.sh (diffdis test set-up): one machine, CPU only
 ClusterName=local
