@@ -107,17 +107,30 @@ start() {
     echo "slurm-local: ready"
 }
 
+wait_gone() {  # wait up to 15 s for the given PIDs to exit (pid files vanish before the processes do)
+    local pid
+    for _ in $(seq 1 60); do
+        for pid in "$@"; do kill -0 "$pid" 2>/dev/null && break; pid=; done
+        [ -z "$pid" ] && return 0
+        sleep 0.25
+    done
+    log "still running after 15 s: $*"
+}
+
 stop() {
     need_root
-    if command -v scontrol >/dev/null && pid_alive /run/slurmctld.pid; then
+    local pids=() pid_file
+    for pid_file in /run/slurmctld.pid /run/slurmd.pid; do
+        pid_alive "$pid_file" && pids+=("$(cat "$pid_file")")
+    done
+    if [ "${#pids[@]}" -gt 0 ]; then
         scontrol shutdown >/dev/null 2>&1 || true
-        for _ in $(seq 1 40); do
-            pid_alive /run/slurmctld.pid || pid_alive /run/slurmd.pid || break
-            sleep 0.25
-        done
+        wait_gone "${pids[@]}"
     fi
     if pid_alive /run/munge/munged.pid; then
-        kill "$(cat /run/munge/munged.pid)" || true
+        pid=$(cat /run/munge/munged.pid)
+        kill "$pid" || true
+        wait_gone "$pid"
     fi
     rm -f "$state_file"
     log "stopped"
