@@ -266,6 +266,21 @@ def test_cli_dry_runs_print_exactly_what_is_rendered(tmp_path):
                                 capture_output=True, env={**os.environ, "KUBECONFIG": str(tmp_path / "none"),
                                                           "KUBERNETES_SERVICE_HOST": ""}, timeout=120)
     assert no_cluster.returncode == 1 and "--apply: no kubeconfig" in no_cluster.stderr
+    assert (tmp_path / "a.yaml").is_file()  # rendered and kept even when it could not be applied
+
+
+def test_apply_without_the_kubernetes_client_says_how_to_get_it(tmp_path, monkeypatch):
+    import importlib.util  # noqa: PLC0415
+
+    from cluster import ClusterError  # noqa: PLC0415
+    from cluster.k8s_apply import apply  # noqa: PLC0415
+
+    if importlib.util.find_spec("kubernetes") is not None:
+        pytest.skip("the kubernetes client is installed here; this checks the message when it is not")
+    (tmp_path / "config").write_text("apiVersion: v1\nkind: Config\n")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
+    with pytest.raises(ClusterError, match=re.escape("pip install 'diffdis[k8s-apply]'")):
+        apply(render_manifests(k8s_job(1)))
     help_text = diffdis("submit", "slurm", "--help").stdout
     assert "exit 75" in help_text and "--signal-grace" in help_text and "RUN/slurm/" in help_text
 
