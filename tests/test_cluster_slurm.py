@@ -146,6 +146,11 @@ def test_preempt_requeue_resume_and_failure_not_requeued(slurm, tmp_path):
     expected = [optim.lr * lr_multiplier(s, optim.warmup_steps, STEPS, optim.min_lr_ratio) for s in steps]
     assert [r["lr"] for r in metrics(run)] == pytest.approx(expected, rel=1e-6)  # a restart would repeat step 1's LR
     assert all(math.isfinite(r["loss"]) for r in metrics(run))
+    # and the data stream: each rank consumed 4 samples a step (batch 8 over 2 ranks), none twice, none skipped
+    for step in (stopped, STEPS):
+        for rank in range(2):
+            state = json.loads((run / "checkpoints" / tag_for(step) / "trainer_state" / f"rank-{rank:05d}.json").read_text())
+            assert state["trainer"] == {"step": step} and state["data"] == {"epoch": 0, "offset": step * 4}, state
     print(f"\nslurm timings: first steps + USR1 at {t_signal - t0:.1f} s, requeued after {t_requeued - t_signal:.1f} s, "
           f"finished {t_end - t_requeued:.1f} s later; stopped at step {stopped}; total {t_end - t0:.1f} s")
 
