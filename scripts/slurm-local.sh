@@ -34,7 +34,7 @@ install_packages() {
 write_conf() {
     local host cpus mem
     host=$(hostname -s)
-    cpus="${SLURM_LOCAL_CPUS:-$(nproc)}"
+    cpus="${SLURM_LOCAL_CPUS:-$(getconf _NPROCESSORS_ONLN)}"  # not nproc: it honours OMP_NUM_THREADS
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))  # MB; half, leaves room for the rest
     mkdir -p "$conf_dir"
     if [ -f "$conf_dir/slurm.conf" ] && ! grep -q "written by scripts/slurm-local.sh" "$conf_dir/slurm.conf" \

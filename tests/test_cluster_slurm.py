@@ -63,10 +63,18 @@ def job_env() -> dict[str, str]:
     return {**env, "AWS_SECRET_ACCESS_KEY": SECRET, "OMP_NUM_THREADS": "1", "DIFFDIS_PROGRESS": "log", "PYTHONPATH": str(ROOT)}
 
 
+# a pending job with one of these reasons never starts: fail now, naming it, instead of timing out
+HOPELESS = ("PartitionConfig", "BadConstraints", "PartitionNodeLimit", "ReqNodeNotAvail", "PartitionDown", "NodeDown")
+FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
 def status(run: Path) -> dict:
     result = diffdis("jobs", "status", str(run), "--json")
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not (record["state"] == "PENDING" and record["reason"].startswith(HOPELESS)), (
+        f"job {record['job_id']} can never start: {record['reason']} (see sinfo, /etc/slurm/slurm.conf)")
+    return record
 
 
 def metrics(run: Path) -> list[dict]:
@@ -127,12 +135,12 @@ def test_preempt_requeue_resume_and_failure_not_requeued(slurm, tmp_path):
     t_requeued = time.monotonic()
     assert requeued["state"] in ("PENDING", "REQUEUED", "RUNNING"), requeued
 
-    done = wait_until(lambda: (s := status(failing))["state"] in ("FAILED", "COMPLETED") and s, "the failing job", 240)
+    done = wait_until(lambda: (s := status(failing))["state"] in FINISHED and s, "the failing job", 240)
     assert done["state"] == "FAILED" and done["restarts"] == 0 and done["exit_code"].startswith("2:"), done
     failing_log = diffdis("jobs", "logs", str(failing), "-n", "0").stdout
     assert "step exited with 2" in failing_log and "requeueing" not in failing_log
 
-    final = wait_until(lambda: (s := status(run))["state"] in ("COMPLETED", "FAILED") and s, "the resumed job", 300, run)
+    final = wait_until(lambda: (s := status(run))["state"] in FINISHED and s, "the resumed job", 300, run)
     t_end = time.monotonic()
     text = log.read_text()
     assert final["state"] == "COMPLETED" and final["restarts"] == 1, (final, text[-3000:])
@@ -170,7 +178,7 @@ def test_ray_shard_job_on_slurm(slurm, tmp_path):
                      "--nodes", "1", "--cpus-per-node", "2", "--name", "shardjob", "--run-dir", str(run))
     assert result.returncode == 0, result.stderr
     assert SECRET not in (run / "slurm" / "shard.sbatch").read_text()
-    final = wait_until(lambda: (s := status(run))["state"] in ("COMPLETED", "FAILED") and s, "the shard job", 300, run)
+    final = wait_until(lambda: (s := status(run))["state"] in FINISHED and s, "the shard job", 300, run)
     log = diffdis("jobs", "logs", str(run), "-n", "0").stdout
     assert final["state"] == "COMPLETED", log[-3000:]
     assert "Ray head" in log and "diffdis shard exited with 0" in log
