@@ -12,7 +12,9 @@
   policy retries exit codes 128-255 and fails on 1-127, so the container maps 75 to 143 (what a
   SIGTERM death reports) with a small shell wrapper that forwards SIGTERM.
 - data pipeline (optional): a KubeRay ``RayJob`` running ``diffdis shard ... --ray-address auto``.
-- TensorBoard: a ``Deployment`` + cluster-internal ``Service`` reading RUN/tensorboard.
+- evaluator (optional): a ``Deployment`` running ``diffdis evaluator watch`` on the checkpoint URL.
+- TensorBoard: a ``Deployment`` + cluster-internal ``Service`` reading RUN/tensorboard (and the
+  evaluator's RUN/eval/tensorboard).
 Credentials: only ``secretKeyRef`` references (env var name → Secret name/key); a value never
 appears in a manifest, and ``env`` entries that look like credentials are refused.
 """
@@ -71,6 +73,9 @@ class K8sJob:
     secret_env: dict[str, str] = field(default_factory=dict)
     tensorboard: bool = True
     tensorboard_image: str | None = None  # default: the training image (TensorBoard is a dependency)
+    evaluator: bool = False  # a Deployment running `diffdis evaluator watch` on the run's checkpoints
+    eval_suite: str | None = None  # suite YAML inside the image (default: the evaluator's own default)
+    eval_gpus: int = 0
     shard: ShardSpec | None = None
 
     def __post_init__(self) -> None:
@@ -88,6 +93,18 @@ class K8sJob:
         for key, ref in self.secret_env.items():
             if ref.count("/") != 1 or not all(ref.split("/")):
                 raise ValueError(f"secret_env.{key} (--secret-env) = {ref!r}: expected SECRET_NAME/KEY")
+
+    @property
+    def checkpoints_url(self) -> str:
+        """Where the trainer writes checkpoints: ``train.checkpoint_dir=`` when overridden (e.g. s3://)."""
+        for item in self.overrides:
+            if item.startswith("train.checkpoint_dir="):
+                return item.split("=", 1)[1]
+        return f"{self.run_dir.rstrip('/')}/checkpoints"
+
+    @property
+    def eval_dir(self) -> str:
+        return f"{self.run_dir.rstrip('/')}/eval"
 
     @property
     def procs_per_node(self) -> int:
@@ -236,13 +253,35 @@ def render_rayjob(job: K8sJob, shard: ShardSpec) -> dict[str, Any]:
     }
 
 
+def render_evaluator(job: K8sJob) -> dict[str, Any]:
+    """The evaluator service: every complete checkpoint evaluated once, in step order; restarted,
+    it skips what it already did (pretrain/evaluator.py), so a plain Deployment fits."""
+    labels = _labels(job, "evaluator")
+    volumes, mounts = _volumes(job)
+    command = [*shlex.split(job.entry), "evaluator", "watch", job.checkpoints_url, "--out", job.eval_dir]
+    if job.eval_suite:
+        command += ["--suite", job.eval_suite]
+    container: dict[str, Any] = {"name": "evaluator", "image": job.image, "command": command, "env": _env(job),
+                                 "volumeMounts": mounts}
+    if job.eval_gpus:
+        container["resources"] = {"limits": {"nvidia.com/gpu": job.eval_gpus}, "requests": {"nvidia.com/gpu": job.eval_gpus}}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(job, f"{job.name}-evaluator", "evaluator"),
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels}, "spec": {"containers": [container], "volumes": volumes}}},
+    }
+
+
 def render_tensorboard(job: K8sJob) -> list[dict[str, Any]]:
     labels = _labels(job, "tensorboard")
     volumes, mounts = _volumes(job)
+    run = job.run_dir.rstrip("/")
+    # with the evaluator, training and evaluation scalars side by side (what `diffdis dashboard` shows)
+    logdir = (["--logdir_spec", f"train:{run}/tensorboard,eval:{job.eval_dir}/tensorboard"] if job.evaluator
+              else ["--logdir", f"{run}/tensorboard"])
     container = {
         "name": "tensorboard", "image": job.tensorboard_image or job.image,
-        "command": ["tensorboard", "--logdir", f"{job.run_dir.rstrip('/')}/tensorboard", "--host", "0.0.0.0",
-                    "--port", str(TENSORBOARD_PORT)],
+        "command": ["tensorboard", *logdir, "--host", "0.0.0.0", "--port", str(TENSORBOARD_PORT)],
         "ports": [{"name": "http", "containerPort": TENSORBOARD_PORT}],
         "env": [e for e in _env(job) if e["name"] != "PYTHONUNBUFFERED"],
         "volumeMounts": [m for m in mounts if m["name"] != "dshm"],
@@ -265,6 +304,8 @@ def render_manifests(job: K8sJob) -> list[dict[str, Any]]:
     manifests = render_trainjob(job) if job.operator == "trainjob" else render_pytorchjob(job)
     if job.shard:
         manifests.insert(0, render_rayjob(job, job.shard))
+    if job.evaluator:
+        manifests.append(render_evaluator(job))
     if job.tensorboard:
         manifests += render_tensorboard(job)
     return manifests

@@ -239,7 +239,8 @@ def cmd_submit_k8s(args: argparse.Namespace) -> int:
                  gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node, memory_per_node=args.memory_per_node,
                  operator=args.operator, backoff_limit=args.backoff_limit, grace_s=args.grace,
                  volume_claim=args.pvc, mount_path=args.mount_path, entry=args.entry, env=dict(_parse_env(args.env or [])),
-                 secret_env=dict(_parse_env(args.secret_env or [])), tensorboard=not args.no_tensorboard, shard=shard)
+                 secret_env=dict(_parse_env(args.secret_env or [])), tensorboard=not args.no_tensorboard, shard=shard,
+                 evaluator=args.evaluator, eval_suite=args.eval_suite, eval_gpus=args.eval_gpus)
     manifests = render_manifests(job)
     validate_manifests(manifests)
     text = to_yaml(manifests)
@@ -289,6 +290,10 @@ def _add_k8s_parser(targets: argparse._SubParsersAction) -> None:
     k8s.add_argument("--shard", nargs=2, metavar=("SOURCE", "OUTPUT"), default=None,
                      help="also render a RayJob running `diffdis shard SOURCE OUTPUT --ray-address auto`")
     k8s.add_argument("--ray-workers", type=int, default=2, help="Ray worker pods for --shard (default 2)")
+    k8s.add_argument("--evaluator", action="store_true", help="also a Deployment running `diffdis evaluator watch` "
+                     "on the run's checkpoints (results in OUT/eval, shown by the TensorBoard Deployment)")
+    k8s.add_argument("--eval-suite", default=None, help="evaluator suite YAML inside the image")
+    k8s.add_argument("--eval-gpus", type=int, default=0, help="GPUs for the evaluator pod (default 0)")
     k8s.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard Deployment/Service")
     k8s.add_argument("--write", default=None, metavar="FILE", help="where to write the manifests (default NAME.k8s.yaml)")
     k8s.add_argument("--apply", action="store_true", help="create the objects with the kubernetes client (needs a kubeconfig)")

@@ -123,9 +123,10 @@ def test_parse_scontrol_one_line():
 
 def k8s_job(nodes: int, operator: str = "trainjob", **fields) -> K8sJob:
     defaults = dict(env={"NCCL_DEBUG": "WARN"}, secret_env={"AWS_ACCESS_KEY_ID": "s3-creds/access-key",
-                                                           "AWS_SECRET_ACCESS_KEY": "s3-creds/secret-key"})
+                                                           "AWS_SECRET_ACCESS_KEY": "s3-creds/secret-key"},
+                    overrides=["train.steps=1000"])
     return K8sJob(name="exp", image="registry.example.com/diffdis:0.1", run_dir="/data/runs/exp",
-                  config="configs/tiny.yaml", overrides=["train.steps=1000"], nodes=nodes, gpus_per_node=8,
+                  config="configs/tiny.yaml", nodes=nodes, gpus_per_node=8,
                   cpus_per_node=96, memory_per_node="512Gi", operator=operator, volume_claim="diffdis-runs",
                   **{**defaults, **fields})
 
@@ -319,3 +320,21 @@ def test_jobs_errors_name_the_job(tmp_path, capsys):
     assert f"{str(tmp_path)!r} is neither a Slurm job id nor a run directory with slurm/job_id" in capsys.readouterr().err
     assert main(["jobs", "logs"]) == 2
     assert "JOB (a job id or run directory) is required" in capsys.readouterr().err
+
+
+def test_evaluator_deployment_watches_the_trainers_checkpoints():
+    job = k8s_job(2, evaluator=True, eval_suite="configs/eval/digits.yaml", eval_gpus=1,
+                  overrides=["train.steps=1000", "train.checkpoint_dir=s3://bucket/exp/ckpts"])
+    manifests = render_manifests(job)
+    text = to_yaml(manifests)
+    assert_golden("k8s-trainjob-evaluator-2node.yaml", text)
+    validate_manifests(manifests)
+    deployments = {m["metadata"]["name"]: m for m in manifests if m["kind"] == "Deployment"}
+    container = deployments["exp-evaluator"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["diffdis", "evaluator", "watch", "s3://bucket/exp/ckpts", "--out", "/data/runs/exp/eval",
+                                    "--suite", "configs/eval/digits.yaml"]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "secret-key"}}} in container["env"]
+    board = deployments["exp-tensorboard"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "train:/data/runs/exp/tensorboard,eval:/data/runs/exp/eval/tensorboard" in board
+    assert_no_secrets(text)
