@@ -1,7 +1,7 @@
 """``diffdis submit k8s --apply``: create the rendered objects with the ``kubernetes`` client.
 
-Optional dependency (``pip install 'diffdis[k8s-apply]'``): kubernetes 37 requires
-python-dateutil>=3 while botocore (S3 checkpoints) pins <3, so it is not in the default install.
+Optional dependency (``pip install 'diffdis[k8s-apply]'``, kubernetes < 37: version 37 requires
+python-dateutil>=3 while botocore (S3 checkpoints) pins <3).
 Core kinds go through ``kubernetes.utils.create_from_dict``; custom resources through
 ``CustomObjectsApi`` with the plural of each kind below.
 """
