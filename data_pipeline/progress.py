@@ -74,6 +74,10 @@ class PlainProgress:
         crossed = self.total is not None and 100.0 * self.n / self.total >= self._next_pct
         if crossed or now - self.last_time >= self.every_s:
             self._write(now)
+            if not crossed and self.total and self._next_pct - 100.0 * self.n / self.total < self.every_pct / 2:
+                # a timed line just before a percentage threshold stands for it (it prints the same
+                # rounded percentage): no second line a moment later
+                self._next_pct += self.every_pct
 
     def set_postfix(self, ordered_dict: dict | None = None, refresh: bool = True, **kwargs: Any) -> None:  # noqa: ARG002
         values = {**(ordered_dict or {}), **kwargs}

@@ -103,3 +103,14 @@ def test_piped_training_log_has_lines_not_carriage_returns(tmp_path):
     assert output.count("\r") <= 2, output.count("\r")
     assert len(lines) == 6, lines  # every step crosses a tenth of a 6-step run
     assert lines[-1].split("train: ")[1].startswith("6/6 step (100%)")
+
+
+def test_a_timed_line_just_before_a_threshold_is_not_followed_by_a_second_one():
+    clock, lines = Clock(), []
+    bar = PlainProgress(620, "train", "step", emit=lines.append, clock=clock, every_s=60)
+    run(bar, clock, 372, 1.0)  # timer lines at steps 60, 120, ..., 360; the 60% threshold is step 372
+    steps = [int(line.split(" ")[1].split("/")[0]) for line in lines]
+    assert steps == [60, 120, 180, 240, 300, 360], lines  # 62, 124, ... 372 stood for by the timed lines
+    run(bar, clock, 20, 0.5)  # faster now: the next line is the 70% threshold (434), not a timed one
+    run(bar, clock, 42, 0.5)
+    assert [int(line.split(" ")[1].split("/")[0]) for line in lines][6:] == [434], lines
