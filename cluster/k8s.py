@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
+from cluster import checkpoints_url
 from cluster.preemption import REQUEUE_EXIT_CODE
 from cluster.slurm import looks_secret
 
@@ -96,11 +97,8 @@ class K8sJob:
 
     @property
     def checkpoints_url(self) -> str:
-        """Where the trainer writes checkpoints: ``train.checkpoint_dir=`` when overridden (e.g. s3://)."""
-        for item in self.overrides:
-            if item.startswith("train.checkpoint_dir="):
-                return item.split("=", 1)[1]
-        return f"{self.run_dir.rstrip('/')}/checkpoints"
+        """Where the trainer writes checkpoints (:func:`cluster.checkpoints_url`)."""
+        return checkpoints_url(self.run_dir, self.overrides)
 
     @property
     def eval_dir(self) -> str:

@@ -29,11 +29,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster import ClusterError
+from cluster import ClusterError, checkpoints_url
 
 from cluster.preemption import REQUEUE_EXIT_CODE
 
 SCRIPT_NAME = "train.sbatch"
+EVALUATOR_SCRIPT_NAME = "evaluator.sbatch"
+TRAIN_JOB_VARIABLE = "DIFFDIS_TRAIN_JOB_ID"  # the evaluator job follows this training job
+EVALUATOR_POLL_S = 60
+# squeue state codes of a job that may still write checkpoints (a requeued job passes through RQ to PD)
+ACTIVE_STATES = "PD,R,S,CG,CF,RQ,RF,RH,RS"
 MASTER_PORT_BASE = 20000  # + job id mod 10000: below the ephemeral range, distinct for concurrent jobs
 
 
@@ -160,6 +165,52 @@ exit "$code"
 """
 
 
+def render_evaluator_sbatch(job: SlurmJob, suite: str | None = None) -> str:
+    """The evaluator as its own one-task job beside training: ``diffdis evaluator watch`` on the
+    trainer's checkpoint URL (one GPU when the training nodes have GPUs, else CPU), for as long as the
+    training job (``$DIFFDIS_TRAIN_JOB_ID``, exported by ``diffdis submit slurm --evaluator``) is in
+    the queue, requeues included; then one ``--once`` pass for the checkpoints written since the last
+    poll. Killing and restarting the watcher is safe: it records what it finished atomically and
+    evaluates nothing twice (pretrain/evaluator.py), so the job is requeueable too."""
+    options = [f"--job-name={job.name}-eval", "--nodes=1", "--ntasks=1"]
+    options += ["--gpus=1"] * bool(job.gpus_per_node)
+    options += [f"--cpus-per-task={job.cpus_per_task}"] * bool(job.cpus_per_task)
+    options += [f"--partition={job.partition}"] * bool(job.partition) + [f"--account={job.account}"] * bool(job.account)
+    options += [f"--time={job.time}"] * bool(job.time)
+    options += ["--requeue", f"--output={job.slurm_dir}/%x-%j.out", "--open-mode=append", *job.extra_sbatch]
+    header = "\n".join(f"#SBATCH {shlex.quote(o) if ' ' in o else o}" for o in options)
+    setup = "\n".join(job.setup)
+    env_lines = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(job.env.items()))
+    watch = [*shlex.split(job.entry), "evaluator", "watch", checkpoints_url(job.run_dir, job.overrides),
+             "--out", f"{job.run_dir.rstrip('/')}/eval", "--device", "cuda" if job.gpus_per_node else "cpu"]
+    watch += ["--suite", suite] if suite else []
+    command = " ".join(shlex.quote(part) for part in watch)
+    return f"""#!/bin/bash
+# Rendered by `diffdis submit slurm --evaluator` (cluster/slurm.py): the evaluator beside training job ${TRAIN_JOB_VARIABLE}.
+{header}
+{setup + chr(10) if setup else ""}set -u
+: "${{{TRAIN_JOB_VARIABLE}:?the training job id (diffdis submit slurm --evaluator exports it)}}"
+{env_lines + chr(10) if env_lines else ""}echo "diffdis-slurm: evaluator job $SLURM_JOB_ID following training job ${TRAIN_JOB_VARIABLE}, $(date -u +%FT%TZ)"
+{command} &
+watcher=$!
+# while the training job is queued or running (a requeued one comes back as PENDING)
+while squeue -h -j "${TRAIN_JOB_VARIABLE}" -t {ACTIVE_STATES} 2>/dev/null | grep -q .; do
+    sleep {EVALUATOR_POLL_S}
+    kill -0 "$watcher" 2>/dev/null || {{ wait "$watcher"; exit $?; }}
+done
+kill "$watcher" 2>/dev/null; wait "$watcher"
+{command} --once
+"""
+
+
+def write_evaluator_script(job: SlurmJob, suite: str | None = None) -> Path:
+    """Write RUN/slurm/evaluator.sbatch and return its path."""
+    job.slurm_dir.mkdir(parents=True, exist_ok=True)
+    path = job.slurm_dir / EVALUATOR_SCRIPT_NAME
+    path.write_text(render_evaluator_sbatch(job, suite))
+    return path
+
+
 def write_script(job: SlurmJob) -> Path:
     """Write the script beside the run (RUN/slurm/train.sbatch) and return its path."""
     job.slurm_dir.mkdir(parents=True, exist_ok=True)
@@ -168,9 +219,11 @@ def write_script(job: SlurmJob) -> Path:
     return path
 
 
-def sbatch(script: Path) -> str:
-    """Submit with ``sbatch --parsable``; returns the job id."""
-    result = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+def sbatch(script: Path, export: dict[str, str] | None = None) -> str:
+    """Submit with ``sbatch --parsable``; returns the job id. ``export`` adds variables to the job's
+    environment (``--export=ALL,NAME=VALUE``; job ids, never secrets)."""
+    extra = [f"--export=ALL,{','.join(f'{k}={v}' for k, v in export.items())}"] if export else []
+    result = subprocess.run(["sbatch", "--parsable", *extra, str(script)], capture_output=True, text=True)
     if result.returncode != 0:
         raise ClusterError(f"sbatch {script} failed ({result.returncode}): {result.stderr.strip()}")
     return result.stdout.strip().split(";")[0]

@@ -72,18 +72,28 @@ def _check_training_config(args: argparse.Namespace) -> None:
 
 
 def cmd_submit_slurm(args: argparse.Namespace) -> int:
-    from cluster.slurm import render_sbatch, sbatch, write_script  # noqa: PLC0415
+    from cluster.slurm import (  # noqa: PLC0415
+        EVALUATOR_SCRIPT_NAME, TRAIN_JOB_VARIABLE, render_evaluator_sbatch, render_sbatch, sbatch, write_evaluator_script,
+        write_script,
+    )
     from cluster.slurm_jobs import JOB_ID_FILE  # noqa: PLC0415
 
     job = _slurm_job_from_args(args)
     _check_training_config(args)
     if args.dry_run:
         print(render_sbatch(job), end="")
+        if args.evaluator:
+            print(f"# ---- {job.slurm_dir / EVALUATOR_SCRIPT_NAME} (submitted after the training job)")
+            print(render_evaluator_sbatch(job, args.eval_suite), end="")
         return 0
     script = write_script(job)
     job_id = sbatch(script)
     (job.slurm_dir / JOB_ID_FILE).write_text(job_id + "\n")
     print(f"submitted Slurm job {job_id}: {job.world_size} ranks ({job.nodes} node(s) x {job.tasks_per_node})")
+    if args.evaluator:
+        eval_id = sbatch(write_evaluator_script(job, args.eval_suite), export={TRAIN_JOB_VARIABLE: job_id})
+        print(f"submitted evaluator job {eval_id}: watches the checkpoints while job {job_id} is queued or running; "
+              f"results in {job.run_dir}/eval")
     print(f"  script     : {script}\n  log        : {job.slurm_dir}/{job.name}-{job_id}.out")
     print(f"  checkpoints: {job.run_dir}/checkpoints\n  tensorboard: tensorboard --logdir {job.run_dir}/tensorboard")
     print(f"  status     : diffdis jobs status {job.run_dir}")
@@ -167,6 +177,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     slurm.add_argument("--env", action="append", metavar="NAME=VALUE", help="non-secret variable for every rank "
                        "(repeatable); secrets travel in the submitting environment, which sbatch exports")
     slurm.add_argument("--sbatch", action="append", metavar="OPTION", help="extra #SBATCH option, e.g. --exclusive")
+    slurm.add_argument("--evaluator", action="store_true", help="also submit RUN/slurm/evaluator.sbatch: one task (1 GPU "
+                       "on GPU nodes) running `diffdis evaluator watch` on the run's checkpoints while the training "
+                       "job is queued or running, then a final --once pass; results in RUN/eval")
+    slurm.add_argument("--eval-suite", default=None, metavar="FILE", help="suite YAML for --evaluator "
+                       "(default: the evaluator's, configs/eval/digits.yaml)")
     slurm.set_defaults(func=cmd_submit_slurm)
 
     ray = targets.add_parser("slurm-shard", help="the data pipeline (diffdis shard) on a Ray cluster inside a Slurm job",

@@ -21,7 +21,7 @@ import yaml
 from cluster.env import expand_hostlist, read_dist_env
 from cluster.k8s import K8sJob, ShardSpec, render_manifests, to_yaml
 from cluster.k8s_validate import ManifestError, validate_manifest, validate_manifests
-from cluster.slurm import SlurmJob, render_sbatch
+from cluster.slurm import SlurmJob, render_evaluator_sbatch, render_sbatch
 from cluster.slurm_jobs import parse_scontrol
 from pretrain.launch import node_layout
 
@@ -338,3 +338,32 @@ def test_evaluator_deployment_watches_the_trainers_checkpoints():
     board = deployments["exp-tensorboard"]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert "train:/data/runs/exp/tensorboard,eval:/data/runs/exp/eval/tensorboard" in board
     assert_no_secrets(text)
+
+
+def test_slurm_evaluator_job_follows_the_training_job():
+    job = slurm_job(2)
+    job.overrides = [*job.overrides, "train.checkpoint_dir=s3://bucket/exp/ckpts"]
+    script = render_evaluator_sbatch(job, "configs/eval/digits.yaml")
+    assert_golden("slurm-evaluator-2node.sbatch", script)
+    options = sbatch_options(script)
+    assert options["nodes"] == "1" and options["ntasks"] == "1" and options["gpus"] == "1" and "requeue" in options
+    assert options["output"] == "/shared/runs/exp/slurm/%x-%j.out" and options["job-name"] == "diffdis-eval"
+    watch = "diffdis evaluator watch s3://bucket/exp/ckpts --out /shared/runs/exp/eval --device cuda --suite configs/eval/digits.yaml"
+    lines = script.splitlines()
+    assert f"{watch} &" in lines and f"{watch} --once" == lines[-1]  # beside training, then one final pass
+    assert 'squeue -h -j "$DIFFDIS_TRAIN_JOB_ID" -t PD,R,S,CG,CF,RQ,RF,RH,RS' in script  # a requeued job still counts
+    assert "srun" not in script and "train" not in watch
+    assert_no_secrets(script)
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+    cpu = render_evaluator_sbatch(SlurmJob(run_dir="/r", gpus_per_node=0, tasks_per_node=2, entry="diffdis"))
+    assert "--gpus" not in cpu and "evaluator watch /r/checkpoints --out /r/eval --device cpu &" in cpu
+
+
+def test_dry_run_with_evaluator_prints_both_scripts(tmp_path, capsys):
+    from pretrain.cli import main  # noqa: PLC0415
+
+    code = main(["submit", "slurm", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "run"), "--nodes", "1",
+                 "--gpus-per-node", "0", "--tasks-per-node", "2", "--evaluator", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.count("#!/bin/bash") == 2 and "evaluator.sbatch (submitted after the training job)" in out
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
