@@ -23,6 +23,7 @@ import pytest
 from pretrain.checkpoint import COMPLETE, tag_for
 from pretrain.config import CONFIGS_DIR, load_run_config
 from pretrain.engine import lr_multiplier
+from pretrain.evaluator import flat_scalars
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,3 +189,30 @@ def test_ray_shard_job_on_slurm(slurm, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert sum(s["samples"] for s in manifest["shards"]) == manifest["total_samples"] > 1000, manifest.keys()
     print(f"\nray-on-slurm shard job: {time.monotonic() - t0:.1f} s")
+
+
+def test_evaluator_job_evaluates_every_checkpoint_of_the_training_job_once(slurm, tmp_path):
+    """`--evaluator`: a second job watches the run's checkpoints while the training job is queued or
+    running, then makes a final pass. On this 2-CPU node the training job (2 ranks) holds both CPUs, so
+    the evaluator starts only when training ends: it must still evaluate every checkpoint, once each."""
+    run = tmp_path / "evaluated"
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks:\n  - {kind: zeroshot, name: zs, data: heldout, limit: 24, steps: 1}\n")
+    submit(run, "--evaluator", "--eval-suite", str(suite), "train.steps=4", "train.batch_size=8",
+           "train.checkpoint_every=2", "train.keep_last=0")
+    assert (run / "slurm" / "evaluator.sbatch").is_file()
+    results = run / "eval" / "results.jsonl"
+
+    def evaluated_steps() -> list[int] | None:
+        lines = results.read_text().splitlines() if results.is_file() else []
+        steps = [json.loads(line)["step"] for line in lines]
+        return steps if len(steps) >= 2 else None
+
+    steps = wait_until(evaluated_steps, "the evaluator's results for steps 2 and 4", 420, run)
+    time.sleep(2)  # a third (duplicate) record would land right after the final pass
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4] == steps
+    assert all(r["status"] == "evaluated" for r in records), records
+    for record in records:
+        top1 = [v for k, v in flat_scalars(record["metrics"]).items() if k.endswith("top1")]
+        assert top1 and all(0.0 <= v <= 1.0 for v in top1), record
