@@ -116,6 +116,21 @@ def train_command(job: SlurmJob) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def placement_options(partition: str | None, account: str | None, time: str | None) -> list[str]:
+    """The #SBATCH options every job of ours shares: where it runs, who pays, how long."""
+    return ([f"--partition={partition}"] * bool(partition) + [f"--account={account}"] * bool(account)
+            + [f"--time={time}"] * bool(time))
+
+
+def sbatch_header(options: list[str]) -> str:
+    return "\n".join(f"#SBATCH {shlex.quote(o) if ' ' in o else o}" for o in options)
+
+
+def environment_lines(job: SlurmJob) -> str:
+    """The job's non-secret ``export NAME=VALUE`` lines (secrets travel in sbatch's exported environment)."""
+    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(job.env.items()))
+
+
 def render_sbatch(job: SlurmJob) -> str:
     """The sbatch script, byte-stable for a given job (golden files in tests/golden/slurm/)."""
     log = f"{job.slurm_dir}/%x-%j.out"
@@ -124,13 +139,12 @@ def render_sbatch(job: SlurmJob) -> str:
         options.append(f"--gpus-per-node={job.gpus_per_node}")
     if job.cpus_per_task:
         options.append(f"--cpus-per-task={job.cpus_per_task}")
-    options += [f"--partition={job.partition}"] * bool(job.partition) + [f"--account={job.account}"] * bool(job.account)
-    options += [f"--time={job.time}"] * bool(job.time)
+    options += placement_options(job.partition, job.account, job.time)
     options += [f"--signal=USR1@{job.signal_grace_s}"]
     options += ["--requeue"] if job.requeue else ["--no-requeue"]
     options += [f"--output={log}", "--open-mode=append", *job.extra_sbatch]
-    header = "\n".join(f"#SBATCH {shlex.quote(o) if ' ' in o else o}" for o in options)
-    env_lines = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(job.env.items()))
+    header = sbatch_header(options)
+    env_lines = environment_lines(job)
     setup = "\n".join(job.setup)
     # srun of Slurm 22.05-23.02 does not inherit sbatch's --cpus-per-task: pass it again
     cpus = f" --cpus-per-task={job.cpus_per_task}" if job.cpus_per_task else ""
@@ -175,12 +189,11 @@ def render_evaluator_sbatch(job: SlurmJob, suite: str | None = None) -> str:
     options = [f"--job-name={job.name}-eval", "--nodes=1", "--ntasks=1"]
     options += ["--gpus=1"] * bool(job.gpus_per_node)
     options += [f"--cpus-per-task={job.cpus_per_task}"] * bool(job.cpus_per_task)
-    options += [f"--partition={job.partition}"] * bool(job.partition) + [f"--account={job.account}"] * bool(job.account)
-    options += [f"--time={job.time}"] * bool(job.time)
+    options += placement_options(job.partition, job.account, job.time)
     options += ["--requeue", f"--output={job.slurm_dir}/%x-%j.out", "--open-mode=append", *job.extra_sbatch]
-    header = "\n".join(f"#SBATCH {shlex.quote(o) if ' ' in o else o}" for o in options)
+    header = sbatch_header(options)
     setup = "\n".join(job.setup)
-    env_lines = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(job.env.items()))
+    env_lines = environment_lines(job)
     watch = [*shlex.split(job.entry), "evaluator", "watch", checkpoints_url(job.run_dir, job.overrides),
              "--out", f"{job.run_dir.rstrip('/')}/eval", "--device", "cuda" if job.gpus_per_node else "cpu"]
     watch += ["--suite", suite] if suite else []

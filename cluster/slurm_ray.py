@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.slurm import placement_options
+
 SCRIPT_NAME = "shard.sbatch"
 RAY_PORT_BASE = 30000  # + job id mod 10000 (the trainer uses 20000 + id mod 10000)
 HEAD_WAIT_S = 120
@@ -57,8 +59,7 @@ def render_ray_sbatch(job: RayShardJob) -> str:
                                               job.output, *job.shard_args])
     options = [f"--job-name={job.name}", f"--nodes={job.nodes}", "--ntasks-per-node=1",
                f"--cpus-per-task={job.cpus_per_node}"]
-    options += [f"--partition={job.partition}"] * bool(job.partition) + [f"--account={job.account}"] * bool(job.account)
-    options += [f"--time={job.time}"] * bool(job.time)
+    options += placement_options(job.partition, job.account, job.time)
     options += ["--requeue", f"--output={job.log_dir}/%x-%j.out", "--open-mode=append"]
     header = "\n".join(f"#SBATCH {o}" for o in options)
     setup = "".join(line + "\n" for line in job.setup)
