@@ -78,6 +78,7 @@ def prepare_tokenizer(config: RunConfig, run_dir: Path):
     if text.tokenizer_path:
         tokenizer = load_tokenizer(text.tokenizer_path)
     else:
-        tokenizer = train_tokenizer(training_captions(config), vocab_size=text.tokenizer_vocab_size, max_length=text.max_length)
+        tokenizer = train_tokenizer(training_captions(config), vocab_size=text.tokenizer_vocab_size,
+                                    max_length=text.max_length, kind=text.tokenizer_kind)
     tokenizer.save_pretrained(str(saved))
     return tokenizer

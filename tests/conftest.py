@@ -27,7 +27,8 @@ def tiny_config() -> RunConfig:
 @pytest.fixture(scope="session")
 def tokenizer(tiny_config):
     text = tiny_config.model.text_encoder
-    return train_tokenizer(training_captions(tiny_config), vocab_size=text.tokenizer_vocab_size, max_length=text.max_length)
+    return train_tokenizer(training_captions(tiny_config), vocab_size=text.tokenizer_vocab_size,
+                           max_length=text.max_length, kind=text.tokenizer_kind)
 
 
 @pytest.fixture

@@ -138,7 +138,8 @@ def test_every_eval_prompt_fits_the_text_length(config_name):
 
     config = load_run_config(CONFIGS_DIR / config_name)
     text = config.model.text_encoder
-    tokenizer = train_tokenizer(training_captions(config), vocab_size=text.tokenizer_vocab_size, max_length=text.max_length)
+    tokenizer = train_tokenizer(training_captions(config), vocab_size=text.tokenizer_vocab_size,
+                                    max_length=text.max_length, kind=text.tokenizer_kind)
     for prompts in class_prompts():
         for prompt in prompts:
             length = len(tokenizer(prompt)["input_ids"])

@@ -1,4 +1,4 @@
-"""Tests for the offline byte-level BPE tokenizer."""
+"""Tests for the offline tokenizers: byte-level BPE and word-level (``tokenizer_kind``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pretrain.model.tokenizer import (
     BOS_TOKEN,
     EOS_TOKEN,
     PAD_TOKEN,
+    UNK_TOKEN,
     load_tokenizer,
     special_token_ids,
     tokenize,
@@ -23,9 +24,20 @@ TRAIN_CAPTIONS = [caption_for(label, t) for label in range(10) for t in range(le
 LONG_CAPTION = " ".join(caption_for(label, 0) for label in range(10))
 
 
+@pytest.fixture(scope="module", params=["bpe", "word"])
+def tokenizer(request):
+    """Each behaviour both kinds share is tested on both."""
+    return train_tokenizer(TRAIN_CAPTIONS, vocab_size=500, max_length=MAX_LENGTH, kind=request.param)
+
+
 @pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(TRAIN_CAPTIONS, vocab_size=500, max_length=MAX_LENGTH)
+def bpe_tokenizer():
+    return train_tokenizer(TRAIN_CAPTIONS, vocab_size=500, max_length=MAX_LENGTH, kind="bpe")
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    return train_tokenizer(TRAIN_CAPTIONS, vocab_size=500, max_length=MAX_LENGTH, kind="word")
 
 
 def test_special_token_ids(tokenizer) -> None:
@@ -60,7 +72,8 @@ def test_training_words_become_single_tokens(tokenizer) -> None:
     assert len(content) == 1
 
 
-def test_unseen_word_splits_into_known_pieces(tokenizer) -> None:
+def test_unseen_word_splits_into_known_pieces(bpe_tokenizer) -> None:
+    tokenizer = bpe_tokenizer
     content = tokenizer("zebra")["input_ids"][1:-1]
     assert len(content) > 1
     assert tokenizer.unk_token_id is None or tokenizer.unk_token_id not in content
@@ -69,7 +82,8 @@ def test_unseen_word_splits_into_known_pieces(tokenizer) -> None:
     assert tokenizer.decode(content).strip() == "zebra"
 
 
-def test_eval_prompts_roundtrip_through_decode(tokenizer) -> None:
+def test_eval_prompts_roundtrip_through_decode(bpe_tokenizer) -> None:
+    tokenizer = bpe_tokenizer
     for per_class in class_prompts():
         for prompt in per_class:
             ids = tokenizer(prompt)["input_ids"]
@@ -125,3 +139,24 @@ def test_load_missing_path_names_it(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-tokenizer"
     with pytest.raises(FileNotFoundError, match="no-such-tokenizer"):
         load_tokenizer(missing)
+
+
+def test_word_level_gives_each_unseen_word_one_unknown_token(word_tokenizer, bpe_tokenizer) -> None:
+    # "an illustration depicting seven": BPE spells the three unseen words out in byte pieces the
+    # text encoder never trained on (the cause of the zero-shot loss measured in the design notes);
+    # word-level gives one <|unk|> per unseen word and the class word its training id.
+    unk = word_tokenizer.convert_tokens_to_ids(UNK_TOKEN)
+    assert unk not in special_token_ids(word_tokenizer).values()
+    (seven,) = word_tokenizer("seven")["input_ids"][1:-1]
+    assert seven != unk
+    assert word_tokenizer("an illustration depicting seven")["input_ids"][1:-1] == [unk, unk, unk, seven]
+    assert len(bpe_tokenizer("an illustration depicting seven")["input_ids"][1:-1]) > 10
+    for caption in TRAIN_CAPTIONS:  # every training word is in the vocabulary, and decodes back
+        ids = word_tokenizer(caption)["input_ids"]
+        assert unk not in ids
+        assert word_tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == caption.replace(" ", "")
+
+
+def test_unknown_tokenizer_kind_names_the_field() -> None:
+    with pytest.raises(ValueError, match="tokenizer_kind"):
+        train_tokenizer(TRAIN_CAPTIONS, kind="sentencepiece")

@@ -40,9 +40,15 @@ class TextEncoderConfig:
     projection_dim: int = 64
     max_length: int = 32
     tokenizer_vocab_size: int = 1000
+    # What is trained when no tokenizer_path is given: "bpe" (byte-level, for large caption corpora) or
+    # "word" (one token per word, <|unk|> for unseen ones; for small closed caption sets such as the
+    # built-in digits and scenes, where BPE spells unseen prompt words out in untrained byte pieces).
+    tokenizer_kind: str = "bpe"
     trainable: bool = True
 
     def validate(self) -> None:
+        if self.tokenizer_kind not in ("bpe", "word"):
+            raise ValueError(f"model.text_encoder.tokenizer_kind={self.tokenizer_kind!r}: expected bpe or word")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
 
