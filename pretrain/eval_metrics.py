@@ -66,3 +66,28 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
         root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
     root = root.real  # imaginary parts are numerical noise of the square root
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root))
+
+
+def frechet_distance_spectral(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """The same distance as :func:`frechet_distance` with the root's trace from eigenvalues,
+    Tr((Σ_a Σ_b)^{1/2}) = Σ_i √λ_i(Σ_a Σ_b) (real and ≥ 0: a product of two PSD matrices), as torchmetrics'
+    FID computes it; used for FID, where scipy's ``sqrtm`` of a 2048×2048 product takes ~20 s of one core.
+    With Σ = CᵀC (C the centred features over √(n−1)) the nonzero λ_i(Σ_a Σ_b) are the squared singular
+    values of C_a C_bᵀ (n_a × n_b), so fewer samples than dimensions cost one small SVD and need no
+    regularising; otherwise λ_i = eig(Σ_a^{1/2} Σ_b Σ_a^{1/2}), two symmetric eigendecompositions."""
+    a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sets must be (N, d) with the same d, got {a.shape} and {b.shape}")
+    if min(len(a), len(b)) < 2:
+        raise ValueError("a Fréchet distance needs at least 2 samples per set")
+    centred_a = (a - a.mean(0)) / np.sqrt(len(a) - 1)
+    centred_b = (b - b.mean(0)) / np.sqrt(len(b) - 1)
+    if min(len(a), len(b)) <= a.shape[1]:
+        trace_root = np.linalg.svd(centred_a @ centred_b.T, compute_uv=False).sum()
+    else:
+        values, vectors = np.linalg.eigh(centred_a.T @ centred_a)
+        root_a = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+        product = root_a @ (centred_b.T @ centred_b) @ root_a
+        trace_root = np.sqrt(np.linalg.eigvalsh(product).clip(min=0)).sum()
+    mean_term = ((a.mean(0) - b.mean(0)) ** 2).sum()
+    return float(mean_term + (centred_a**2).sum() + (centred_b**2).sum() - 2 * trace_root)

@@ -14,8 +14,10 @@ Task kinds (``TaskConfig.kind``):
   distance between real training and real held-out digits (the floor a perfect generator reaches at
   this sample size) and the judge's prompt-following accuracy on the samples.
 
-FID proper needs Inception-v3 weights; none can be downloaded here, and the maintained FID libraries
-pull a second torch build (docs/design-notes.md), so it is not a task kind yet.
+- ``fid``: FID proper, from a local Inception-v3 weights file (``weights:``; torch-fidelity's FID
+  Inception, ``pretrain.fid``; nothing is downloaded): real images of ``data`` (``heldout`` or a
+  local folder/shards, ``limit`` first ones) against images generated with a fixed seed from
+  ``prompts`` (each ``per_prompt`` times) or, without prompts, from the real set's captions.
 
 The demo's default suite is ``configs/eval/digits.yaml``. A :class:`SuiteRunner` caches what does not
 depend on the checkpoint (data read from disk, the fitted judge), so a watcher pays for it once.
@@ -36,14 +38,14 @@ from pretrain.config_io import load_config
 from pretrain.eval_data import (
     CaptionedImages, LabelledImages, read_captioned_shards, read_clip_benchmark, read_image_folder,
 )
-from pretrain.eval_metrics import classification_metrics, frechet_distance, retrieval_metrics
+from pretrain.eval_metrics import classification_metrics, frechet_distance, frechet_distance_spectral, retrieval_metrics
 from pretrain.evaluate import LoadedCheckpoint, evaluate, heldout_data, image_grid
 from pretrain.inference import class_queries, encode_captions, image_queries, sample_images
 
 log = logging.getLogger("diffdis.evaluator")
 
 DEFAULT_SUITE = CONFIGS_DIR / "eval" / "digits.yaml"
-TaskKind = Literal["zeroshot", "retrieval", "samples", "digits_frechet"]
+TaskKind = Literal["zeroshot", "retrieval", "samples", "digits_frechet", "fid"]
 
 
 @dataclass
@@ -62,9 +64,10 @@ class TaskConfig:
     steps: int | None = None  # DDIM steps; default the run's eval.ddim_steps (generation: eval.sample_steps)
     guidance: float | None = None  # default the run's eval.guidance (generation: eval.sample_guidance)
     seed: int = 0
-    prompts: list[str] = field(default_factory=list)  # samples: one grid row per prompt
-    per_prompt: int = 4  # samples: images per prompt
+    prompts: list[str] = field(default_factory=list)  # samples: one grid row per prompt; fid: what to generate
+    per_prompt: int = 4  # samples, fid: images per prompt
     per_class: int = 20  # digits_frechet: generated images per digit
+    weights: str | None = None  # fid: local Inception-v3 weights file (pretrain/fid.py says which)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.kind
@@ -74,6 +77,9 @@ class TaskConfig:
             raise ValueError(f"task {self.name}: a samples task needs prompts")
         if self.kind == "digits_frechet" and self.data != "heldout":
             raise ValueError(f"task {self.name}: digits_frechet uses the built-in digits (data: heldout)")
+        if self.kind == "fid" and not self.weights:
+            raise ValueError(f"task {self.name}: a fid task needs weights: (a local Inception-v3 weights file; "
+                             "pretrain/fid.py says which)")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"task {self.name}: limit must be >= 1")
 
@@ -122,12 +128,13 @@ class SuiteRunner:
         self._data: dict[tuple, object] = {}
         self._judges: dict[tuple, tuple] = {}
         self._queries: dict[tuple, torch.Tensor] = {}
+        self._inceptions: dict[str, tuple[torch.nn.Module, dict]] = {}  # weights path -> network, real features
 
     def run(self, loaded: LoadedCheckpoint) -> SuiteResult:
         metrics, images = {}, {}
         self._queries = {}  # this checkpoint's image queries: zero-shot and retrieval on one set share them
         for task in self.suite.tasks:
-            if loaded.model.config.family == "clip" and task.kind in ("samples", "digits_frechet"):
+            if loaded.model.config.family == "clip" and task.kind in ("samples", "digits_frechet", "fid"):
                 log.info("task %s skipped: a CLIP baseline cannot generate images", task.name)
                 continue
             result = getattr(self, f"_{task.kind}")(task, loaded)
@@ -138,7 +145,8 @@ class SuiteRunner:
         return SuiteResult(loaded.step, metrics, images)
 
     # -- data --------------------------------------------------------------------------------------
-    def _read(self, task: TaskConfig, size: int, captioned: bool) -> LabelledImages | CaptionedImages:
+    def _read(self, task: TaskConfig, size: int, captioned: bool | None) -> LabelledImages | CaptionedImages:
+        """``task.data`` read at ``size``; ``captioned`` True/False insists on captions/labels, None takes either."""
         key = (task.data, task.format, task.split, task.classnames, task.templates, task.limit, size, captioned)
         if key not in self._data:
             root = Path(task.data)
@@ -152,7 +160,7 @@ class SuiteRunner:
                     kind = "shards"
                 else:
                     kind = "imagefolder"
-            if captioned != (kind == "shards"):
+            if captioned is not None and captioned != (kind == "shards"):
                 raise ValueError(f"task {task.name} ({task.kind}): {root} reads as {kind}, which "
                                  f"{'has no captions' if captioned else 'has no class labels'}")
             if kind == "clip_benchmark":
@@ -260,3 +268,37 @@ class SuiteRunner:
         return {"frechet_distance": frechet_distance(judge_features(judge, pixels), real),
                 "real_floor": floor, "prompt_following": judged_accuracy(judge, pixels, classes)["all"],
                 "n_generated": int(len(pixels)), "n_real": int(len(real))}
+
+    def _fid(self, task: TaskConfig, loaded: LoadedCheckpoint) -> dict[str, float]:
+        from pretrain.fid import inception_features, load_inception  # noqa: PLC0415
+
+        weights = str(Path(task.weights).expanduser())
+        if weights not in self._inceptions:  # loaded once per process; real features cached per data source
+            self._inceptions[weights] = (load_inception(weights), {})
+        network, real_features = self._inceptions[weights]
+        network.to(next(loaded.model.parameters()).device)
+        if task.data == "heldout":
+            real, _, captions = self._heldout(loaded, task.limit)
+            data = loaded.config.data
+            source = ("heldout", data.resolved_eval_set(), loaded.config.model.image_size, data.split_seed,
+                      data.heldout_fraction, task.limit)
+        else:
+            data = self._read(task, loaded.config.model.image_size, captioned=None)
+            real, captions = data.pixels, getattr(data, "captions", [])
+            source = (task.data, task.format, task.split, task.limit, loaded.config.model.image_size)
+        prompts = [p for p in task.prompts for _ in range(task.per_prompt)] or captions
+        if not prompts:
+            raise ValueError(f"task {task.name}: {task.data} has no captions to generate from; give prompts:")
+        batch_size = loaded.config.eval.batch_size
+        if source not in real_features:
+            real_features[source] = inception_features(network, real)
+        eval_config = loaded.config.eval
+        generator = torch.Generator().manual_seed(task.seed)  # one seeded generator for the whole set
+        fake = torch.cat([
+            sample_images(loaded.model, loaded.tokenizer, prompts[start : start + batch_size], loaded.config.diffusion,
+                          steps=eval_config.sample_steps if task.steps is None else task.steps,
+                          guidance=eval_config.sample_guidance if task.guidance is None else task.guidance,
+                          generator=generator)
+            for start in range(0, len(prompts), batch_size)])
+        return {"fid": frechet_distance_spectral(inception_features(network, fake), real_features[source]),
+                "n_generated": int(len(fake)), "n_real": int(len(real))}

@@ -18,7 +18,20 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
 fi
 # DS_BUILD_OPS=0: DeepSpeed builds its ops on first use instead of at install time.
 DS_BUILD_OPS=0 pip install -e "$root[test]"
-"$venv/bin/python" -c "import torch, deepspeed, diffusers, transformers, triton, pretrain" \
+# Packages whose declared dependencies would replace torch (pyproject.toml [tool.diffdis.bootstrap] says why).
+no_deps=$("$venv/bin/python" - "$root/pyproject.toml" <<'PY'
+import sys
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+with open(sys.argv[1], "rb") as file:
+    print(" ".join(tomllib.load(file)["tool"]["diffdis"]["bootstrap"]["no-deps"]))
+PY
+)
+# shellcheck disable=SC2086 # one word per requirement
+[ -z "$no_deps" ] || pip install --no-deps $no_deps
+"$venv/bin/python" -c "import torch, deepspeed, diffusers, transformers, triton, pretrain, pretrain.fid; pretrain.fid.inception_class()" \
     || { echo "bootstrap: the environment in $venv is incomplete (see the pip output above)" >&2; exit 1; }
 rm -f "$venv"/.bootstrap-*
 touch "$stamp"

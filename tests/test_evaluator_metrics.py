@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pretrain.eval_data import fill_template, read_captioned_shards, read_clip_benchmark, read_image_folder
-from pretrain.eval_metrics import classification_metrics, frechet_distance, mean_per_class_recall, retrieval_metrics
+from pretrain.eval_metrics import (
+    classification_metrics, frechet_distance, frechet_distance_spectral, mean_per_class_recall, retrieval_metrics,
+)
 
 
 def test_identical_embeddings_give_perfect_recall():
@@ -75,6 +77,19 @@ def test_frechet_distance_zero_on_itself_and_growing_with_noise():
     # a pure mean shift by (1, 0, ..., 0) adds exactly |Δμ|² = 1
     shifted = features + np.eye(8)[0]
     assert frechet_distance(features, shifted) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("samples", [(500, 400), (30, 20)])  # more samples than dimensions, and fewer (singular Σ)
+def test_frechet_distance_spectral_equals_the_sqrtm_one(samples):
+    """FID's eigenvalue form gives scipy sqrtm's number (the reference implementations' way), on both
+    of its branches; on a set with itself it is zero to rounding."""
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(64, 64))
+    a = rng.normal(size=(samples[0], 64)) @ mixing
+    b = rng.normal(size=(samples[1], 64)) @ mixing * 1.3 + 0.5
+    assert frechet_distance_spectral(a, b) == pytest.approx(frechet_distance(a, b), rel=1e-6)
+    assert frechet_distance_spectral(a, a) == pytest.approx(0.0, abs=1e-9 * np.trace(np.cov(a, rowvar=False)))
+    assert frechet_distance_spectral(a, a + np.eye(64)[0]) == pytest.approx(1.0, rel=1e-9)
 
 
 def _png(colour: tuple[int, int, int], size: int = 12) -> bytes:
