@@ -160,3 +160,11 @@ def test_word_level_gives_each_unseen_word_one_unknown_token(word_tokenizer, bpe
 def test_unknown_tokenizer_kind_names_the_field() -> None:
     with pytest.raises(ValueError, match="tokenizer_kind"):
         train_tokenizer(TRAIN_CAPTIONS, kind="sentencepiece")
+
+
+def test_run_config_rejects_an_unknown_tokenizer_kind_by_field() -> None:
+    from pretrain.config import CONFIGS_DIR, load_run_config  # noqa: PLC0415
+
+    assert load_run_config(CONFIGS_DIR / "demo.yaml").model.text_encoder.tokenizer_kind == "word"
+    with pytest.raises(Exception, match="tokenizer_kind"):
+        load_run_config(CONFIGS_DIR / "demo.yaml", ["model.text_encoder.tokenizer_kind=bytes"])
