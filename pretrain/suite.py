@@ -69,6 +69,10 @@ class TaskConfig:
     per_class: int = 20  # digits_frechet: generated images per digit
     weights: str | None = None  # fid: local Inception-v3 weights file (pretrain/fid.py says which)
 
+    def repeated_prompts(self) -> list[str]:
+        """Every prompt ``per_prompt`` times in a row: what samples and fid generate."""
+        return [prompt for prompt in self.prompts for _ in range(self.per_prompt)]
+
     def __post_init__(self) -> None:
         self.name = self.name or self.kind
 
@@ -188,6 +192,13 @@ class SuiteRunner:
         return dict(diffusion=loaded.config.diffusion, steps=eval_config.ddim_steps if task.steps is None else task.steps,
                     guidance=eval_config.guidance if task.guidance is None else task.guidance, seed=task.seed)
 
+    @staticmethod
+    def _sampling(task: TaskConfig, loaded: LoadedCheckpoint) -> dict:
+        """Steps and guidance of the image sampler: the task's, else the run's ``eval.sample_*``."""
+        eval_config = loaded.config.eval
+        return dict(steps=eval_config.sample_steps if task.steps is None else task.steps,
+                    guidance=eval_config.sample_guidance if task.guidance is None else task.guidance)
+
     def _image_queries(self, task: TaskConfig, loaded: LoadedCheckpoint, pixels: torch.Tensor, chain: dict) -> torch.Tensor:
         """ê_0 of every image (one reverse chain each: the expensive part), shared by tasks on the same
         images with the same chain settings."""
@@ -228,12 +239,9 @@ class SuiteRunner:
         return {**retrieval_metrics(queries @ text.to(queries.device).T, owner), "ddim_steps": chain["steps"]}
 
     def _samples(self, task: TaskConfig, loaded: LoadedCheckpoint) -> Path:
-        eval_config = loaded.config.eval
         pixels = sample_images(
-            loaded.model, loaded.tokenizer, [p for p in task.prompts for _ in range(task.per_prompt)], loaded.config.diffusion,
-            steps=eval_config.sample_steps if task.steps is None else task.steps,
-            guidance=eval_config.sample_guidance if task.guidance is None else task.guidance,
-            generator=torch.Generator().manual_seed(task.seed),
+            loaded.model, loaded.tokenizer, task.repeated_prompts(), loaded.config.diffusion,
+            **self._sampling(task, loaded), generator=torch.Generator().manual_seed(task.seed),
         )
         step = "final" if loaded.step is None else f"step-{loaded.step:09d}"
         out = self.image_dir / f"{task.name}-{step}.png"
@@ -260,11 +268,9 @@ class SuiteRunner:
         from pretrain.judge import generate_for_classes, judged_accuracy  # noqa: PLC0415
 
         digits, judge, real, floor = self._judge(loaded, task.per_class)
-        eval_config = loaded.config.eval
         pixels, classes = generate_for_classes(
-            loaded, digits.prompt_sets["train_style"], per_class=task.per_class,
-            steps=eval_config.sample_steps if task.steps is None else task.steps,
-            guidance=eval_config.sample_guidance if task.guidance is None else task.guidance, seed=task.seed)
+            loaded, digits.prompt_sets["train_style"], per_class=task.per_class, **self._sampling(task, loaded),
+            seed=task.seed)
         return {"frechet_distance": frechet_distance(judge_features(judge, pixels), real),
                 "real_floor": floor, "prompt_following": judged_accuracy(judge, pixels, classes)["all"],
                 "n_generated": int(len(pixels)), "n_real": int(len(real))}
@@ -286,19 +292,17 @@ class SuiteRunner:
             data = self._read(task, loaded.config.model.image_size, captioned=None)
             real, captions = data.pixels, getattr(data, "captions", [])
             source = (task.data, task.format, task.split, task.limit, loaded.config.model.image_size)
-        prompts = [p for p in task.prompts for _ in range(task.per_prompt)] or captions
+        prompts = task.repeated_prompts() or captions
         if not prompts:
             raise ValueError(f"task {task.name}: {task.data} has no captions to generate from; give prompts:")
         batch_size = loaded.config.eval.batch_size
         if source not in real_features:
             real_features[source] = inception_features(network, real)
-        eval_config = loaded.config.eval
+        sampling = self._sampling(task, loaded)
         generator = torch.Generator().manual_seed(task.seed)  # one seeded generator for the whole set
         fake = torch.cat([
             sample_images(loaded.model, loaded.tokenizer, prompts[start : start + batch_size], loaded.config.diffusion,
-                          steps=eval_config.sample_steps if task.steps is None else task.steps,
-                          guidance=eval_config.sample_guidance if task.guidance is None else task.guidance,
-                          generator=generator)
+                          **sampling, generator=generator)
             for start in range(0, len(prompts), batch_size)])
         return {"fid": frechet_distance_spectral(inception_features(network, fake), real_features[source]),
                 "n_generated": int(len(fake)), "n_real": int(len(real))}
