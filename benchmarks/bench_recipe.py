@@ -8,7 +8,9 @@ seed, and measures:
 - **discrimination**: held-out zero-shot top-1 (``pretrain.evaluate.evaluate``; on scenes also
   ``top1_shape``/``top1_colour``/``top1_size``) for every model that has a text-query path;
 - **generation** (DiffDis vs gen-only): the final L_IG (mean ``loss_gen`` of the last 5 logged
-  records of ``metrics.jsonl``: one batch's loss is noisy) and the prompt-following accuracy of
+  records of ``metrics.jsonl``: one batch's loss is noisy), the held-out L_IG on fixed draws
+  (``pretrain.denoising``: the same (t_z, ε) for every model; conditional and with the null context,
+  so what the caption is worth shows apart from how well the network denoises) and the prompt-following accuracy of
   samples judged by a small CNN trained on the real training images (``pretrain.judge``), once with a
   training-style phrasing and once with a phrasing never seen in training. The judge's own accuracy
   on real held-out images is printed beside it.
@@ -98,7 +100,8 @@ DATASETS = {
     "scenes": DatasetSpec("scenes", CONFIGS_DIR / "data" / "scenes.yaml", ("data.eval_set=scenes",),
                           module="data_pipeline.scenes"),
 }
-SUMMARY_METRICS = ("top1", "top1_shape", "top1_colour", "top1_size", "l_ig", "pf_train_style", "pf_unseen",
+SUMMARY_METRICS = ("top1", "top1_shape", "top1_colour", "top1_size", "l_ig", "l_ig_heldout", "l_ig_heldout_uncond",
+                   "pf_train_style", "pf_unseen",
                    "pf_train_style_shape", "pf_train_style_colour", "pf_unseen_shape", "pf_unseen_colour",
                    "train_s", "wall_s")
 
@@ -206,6 +209,18 @@ def generation_metrics(loaded, dataset: str, judges: Judges) -> dict:
     return figures
 
 
+def heldout_l_ig(loaded) -> dict:
+    """Held-out L_IG on fixed draws, conditional and unconditional (``pretrain.denoising``)."""
+    from pretrain.denoising import denoising_loss  # noqa: PLC0415
+    from pretrain.evaluate import heldout_data  # noqa: PLC0415
+
+    pixels, _, captions = heldout_data(loaded.config)
+    result = denoising_loss(loaded.model, loaded.tokenizer, pixels, captions, loaded.config.diffusion,
+                            batch_size=loaded.config.eval.batch_size)
+    return {"l_ig_heldout": result.loss, "l_ig_heldout_uncond": result.loss_uncond,
+            **{f"l_ig_heldout_{band}": value for band, value in result.by_band.items()}}
+
+
 def run_overrides(dataset: DatasetSpec, model: ModelSpec, shards: Path, seed: int, steps: int | None) -> list[str]:
     from data_pipeline.shard_config import ShardConfig  # noqa: PLC0415
     from pretrain.config_io import load_config  # noqa: PLC0415
@@ -246,6 +261,7 @@ def run_one(dataset: DatasetSpec, model: ModelSpec, seed: int, steps: int | None
         record.update({k: v for k, v in zeroshot.items() if k.startswith(("top1", "top5"))})
     if model.generation:
         record["l_ig"] = final_l_ig(run_dir / "metrics.jsonl")
+        record.update(heldout_l_ig(loaded))
         record.update(generation_metrics(loaded, dataset.name, judges))
     record.update(train_s=round(train_s, 1), eval_s=round(time.perf_counter() - eval_started, 1),
                   wall_s=round(time.perf_counter() - started, 1),
@@ -288,14 +304,17 @@ def print_tables(summary: dict[str, dict], runs: list[dict], judge_accuracy: dic
             print(f"{key:<18}" + "".join(f"{_spread(entry.get(c)):>28}" for c in columns))
     generating = {k: e for k, e in summary.items() if "pf_train_style" in e or "l_ig" in e}
     if generating:
-        print("\ngeneration: final L_IG and prompt-following accuracy (judged), min / median / max over seeds (n)")
-        print(f"{'dataset/model':<18}{'L_IG':>28}{'training-style prompt':>28}{'unseen phrasing':>28}")
+        print("\ngeneration: final L_IG (training log), held-out L_IG on fixed draws (with captions / null context)"
+              " and prompt-following accuracy (judged), min / median / max over seeds (n)")
+        print(f"{'dataset/model':<18}{'L_IG':>28}{'held-out L_IG':>28}{'held-out, null context':>28}"
+              f"{'training-style prompt':>28}{'unseen phrasing':>28}")
         for key, entry in generating.items():
-            print(f"{key:<18}{_spread(entry.get('l_ig'), 4):>28}{_spread(entry.get('pf_train_style')):>28}"
+            print(f"{key:<18}{_spread(entry.get('l_ig'), 4):>28}{_spread(entry.get('l_ig_heldout'), 4):>28}"
+                  f"{_spread(entry.get('l_ig_heldout_uncond'), 4):>28}{_spread(entry.get('pf_train_style')):>28}"
                   f"{_spread(entry.get('pf_unseen')):>28}")
             for head in ("shape", "colour"):  # scenes: each attribute judged alone (the row above: both right)
                 if f"pf_train_style_{head}" in entry:
-                    print(f"{'  ' + head:<18}{'':>28}{_spread(entry.get(f'pf_train_style_{head}')):>28}"
+                    print(f"{'  ' + head:<18}{'':>84}{_spread(entry.get(f'pf_train_style_{head}')):>28}"
                           f"{_spread(entry.get(f'pf_unseen_{head}')):>28}")
         for dataset, accuracy in judge_accuracy.items():
             print(f"judge ({dataset}): {accuracy:.3f} on real held-out images; chance = 1 / classes")
@@ -363,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                     run = {"dataset": dataset_name, "model": model_name, "seed": seed, "error": str(error).splitlines()[0]}
                     failed.append(run)
                 runs.append(run)
-                shown = {k: run[k] for k in ("top1", "l_ig", "pf_train_style", "pf_unseen", "wall_s", "reused", "error")
+                shown = {k: run[k] for k in ("top1", "l_ig", "l_ig_heldout", "pf_train_style", "pf_unseen", "wall_s", "reused", "error")
                          if k in run}
                 print(f"{label}: {shown}", flush=True)
 

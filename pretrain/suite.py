@@ -14,6 +14,10 @@ Task kinds (``TaskConfig.kind``):
   distance between real training and real held-out digits (the floor a perfect generator reaches at
   this sample size) and the judge's prompt-following accuracy on the samples.
 
+- ``denoising``: the generation task's validation loss, L_IG on fixed (t_z, ε) draws per image
+  (``pretrain.denoising``): conditional, with the null context, and per noise band, on ``heldout``
+  (images with their captions) or local captioned shards. Unlike the training log's one-batch
+  ``loss_gen``, it is comparable across checkpoints and models to a few parts in a thousand.
 - ``fid``: FID proper, from a local Inception-v3 weights file (``weights:``; torch-fidelity's FID
   Inception, ``pretrain.fid``; nothing is downloaded): real images of ``data`` (``heldout`` or a
   local folder/shards, ``limit`` first ones) against images generated with a fixed seed from
@@ -45,7 +49,8 @@ from pretrain.inference import class_queries, encode_captions, image_queries, sa
 log = logging.getLogger("diffdis.evaluator")
 
 DEFAULT_SUITE = CONFIGS_DIR / "eval" / "digits.yaml"
-TaskKind = Literal["zeroshot", "retrieval", "samples", "digits_frechet", "fid"]
+TaskKind = Literal["zeroshot", "retrieval", "samples", "digits_frechet", "fid", "denoising"]
+GENERATION_KINDS = ("samples", "digits_frechet", "fid", "denoising")  # skipped for a CLIP baseline
 
 
 @dataclass
@@ -68,6 +73,7 @@ class TaskConfig:
     per_prompt: int = 4  # samples, fid: images per prompt
     per_class: int = 20  # digits_frechet: generated images per digit
     weights: str | None = None  # fid: local Inception-v3 weights file (pretrain/fid.py says which)
+    draws: int = 8  # denoising: fixed (t_z, ε) draws per image
 
     def repeated_prompts(self) -> list[str]:
         """Every prompt ``per_prompt`` times in a row: what samples and fid generate."""
@@ -84,6 +90,8 @@ class TaskConfig:
         if self.kind == "fid" and not self.weights:
             raise ValueError(f"task {self.name}: a fid task needs weights: (a local Inception-v3 weights file; "
                              "pretrain/fid.py says which)")
+        if self.kind == "denoising" and self.draws < 1:
+            raise ValueError(f"task {self.name}: draws must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"task {self.name}: limit must be >= 1")
 
@@ -138,7 +146,7 @@ class SuiteRunner:
         metrics, images = {}, {}
         self._queries = {}  # this checkpoint's image queries: zero-shot and retrieval on one set share them
         for task in self.suite.tasks:
-            if loaded.model.config.family == "clip" and task.kind in ("samples", "digits_frechet", "fid"):
+            if loaded.model.config.family == "clip" and task.kind in GENERATION_KINDS:
                 log.info("task %s skipped: a CLIP baseline cannot generate images", task.name)
                 continue
             result = getattr(self, f"_{task.kind}")(task, loaded)
@@ -274,6 +282,17 @@ class SuiteRunner:
         return {"frechet_distance": frechet_distance(judge_features(judge, pixels), real),
                 "real_floor": floor, "prompt_following": judged_accuracy(judge, pixels, classes)["all"],
                 "n_generated": int(len(pixels)), "n_real": int(len(real))}
+
+    def _denoising(self, task: TaskConfig, loaded: LoadedCheckpoint) -> dict[str, float]:
+        from pretrain.denoising import denoising_loss  # noqa: PLC0415
+
+        if task.data == "heldout":
+            pixels, _, captions = self._heldout(loaded, task.limit)
+        else:  # every caption with its own image
+            data = self._read(task, loaded.config.model.image_size, captioned=True)
+            pixels, captions = data.pixels[torch.as_tensor(data.owner, dtype=torch.long)], data.captions
+        return denoising_loss(loaded.model, loaded.tokenizer, pixels, captions, loaded.config.diffusion,
+                              draws=task.draws, seed=task.seed, batch_size=loaded.config.eval.batch_size).as_metrics()
 
     def _fid(self, task: TaskConfig, loaded: LoadedCheckpoint) -> dict[str, float]:
         from pretrain.fid import inception_features, load_inception  # noqa: PLC0415
