@@ -306,15 +306,15 @@ def print_tables(summary: dict[str, dict], runs: list[dict], judge_accuracy: dic
     if generating:
         print("\ngeneration: final L_IG (training log), held-out L_IG on fixed draws (with captions / null context)"
               " and prompt-following accuracy (judged), min / median / max over seeds (n)")
-        print(f"{'dataset/model':<18}{'L_IG':>28}{'held-out L_IG':>28}{'held-out, null context':>28}"
+        print(f"{'dataset/model':<18}{'L_IG':>31}{'held-out L_IG':>31}{'held-out, null context':>31}"
               f"{'training-style prompt':>28}{'unseen phrasing':>28}")
         for key, entry in generating.items():
-            print(f"{key:<18}{_spread(entry.get('l_ig'), 4):>28}{_spread(entry.get('l_ig_heldout'), 4):>28}"
-                  f"{_spread(entry.get('l_ig_heldout_uncond'), 4):>28}{_spread(entry.get('pf_train_style')):>28}"
+            print(f"{key:<18}{_spread(entry.get('l_ig'), 4):>31}{_spread(entry.get('l_ig_heldout'), 4):>31}"
+                  f"{_spread(entry.get('l_ig_heldout_uncond'), 4):>31}{_spread(entry.get('pf_train_style')):>28}"
                   f"{_spread(entry.get('pf_unseen')):>28}")
             for head in ("shape", "colour"):  # scenes: each attribute judged alone (the row above: both right)
                 if f"pf_train_style_{head}" in entry:
-                    print(f"{'  ' + head:<18}{'':>84}{_spread(entry.get(f'pf_train_style_{head}')):>28}"
+                    print(f"{'  ' + head:<18}{'':>93}{_spread(entry.get(f'pf_train_style_{head}')):>28}"
                           f"{_spread(entry.get(f'pf_unseen_{head}')):>28}")
         for dataset, accuracy in judge_accuracy.items():
             print(f"judge ({dataset}): {accuracy:.3f} on real held-out images; chance = 1 / classes")

@@ -86,7 +86,7 @@ def read_results(eval_dir: str | Path) -> list[dict]:
 
 
 # sizes and settings, not quality: kept in the ledger, left off the dashboard and the plots
-COUNT_KEYS = ("n", "n_images", "n_captions", "n_real", "n_generated", "ddim_steps")
+COUNT_KEYS = ("n", "n_images", "n_captions", "n_real", "n_generated", "ddim_steps", "draws")
 
 
 def flat_scalars(metrics: dict[str, dict]) -> dict[str, float]:
