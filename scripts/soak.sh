@@ -7,6 +7,9 @@
 #   SOAK_RUNS=5 bash scripts/soak.sh            # default 50 runs of each
 #   SOAK_TESTS="tests/test_distributed_loss.py" SOAK_TRAIN_RUNS=10 bash scripts/soak.sh
 #
+# A niced soak beside full-priority work can starve past pytest-timeout's limit (600 s): a failure
+# records whether that fired and the load average, so run it with SOAK_NICE=0 on a quiet machine
+# when the figure is to count.
 # Environment: SOAK_RUNS (50), SOAK_TESTS (files; default: found by grep), SOAK_TRAIN_RUNS
 # (SOAK_RUNS; 0 skips training), SOAK_TRAIN_STEPS (4), SOAK_LOG_DIR (a new temporary folder),
 # SOAK_NICE (15; every run is niced), PYTHON (.venv/bin/python).
@@ -58,9 +61,14 @@ soak() {
             rm -f "$log"
             echo "  $name: run $run/$count passed ($((SECONDS - started)) s since start)" >&2
         else
-            echo "FAILED: $name, run $run of $count (exit $?); log kept: $log" >&2
+            local code=$? load timed_out=false
+            load=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)
+            # pytest-timeout firing under a load the soak's niced processes lose to is starvation until
+            # shown otherwise: the log's stacks and the run's own files tell a hang from a slow start
+            grep -q "Timeout (>" "$log" && timed_out=true
+            echo "FAILED: $name, run $run of $count (exit $code; pytest-timeout: $timed_out; load average $load); log kept: $log" >&2
             tail -n 30 "$log" >&2
-            failed_json="{\"item\": \"$name\", \"run\": $run, \"log\": \"$log\"}"
+            failed_json="{\"item\": \"$name\", \"run\": $run, \"log\": \"$log\", \"pytest_timeout\": $timed_out, \"load_average\": \"$load\"}"
             return 1
         fi
     done
