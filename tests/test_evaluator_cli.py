@@ -127,7 +127,8 @@ def test_new_subcommands_explain_themselves(command, capsys):
 def test_users_data_layouts_score_like_the_builtin_heldout_set(tmp_path, model, tokenizer, tiny_config):
     """The held-out digits exported as a CLIP_benchmark webdataset (the eval templates with {c}) and as
     captioned shards give exactly the numbers of ``data: heldout``: same images, prompts, captions and
-    seeded chain, read through the users'-data path (format detected automatically)."""
+    seeded chain (or fixed denoising draws), read through the users'-data path (format detected
+    automatically)."""
     import io  # noqa: PLC0415
     import tarfile  # noqa: PLC0415
 
@@ -168,6 +169,8 @@ def test_users_data_layouts_score_like_the_builtin_heldout_set(tmp_path, model, 
         {"kind": "zeroshot", "name": "wds_zs", "data": str(wds), "steps": 2},
         {"kind": "retrieval", "name": "builtin_ret", "limit": count, "steps": 2},
         {"kind": "retrieval", "name": "shards_ret", "data": str(shards), "steps": 2},
+        {"kind": "denoising", "name": "builtin_den", "limit": count, "draws": 2},
+        {"kind": "denoising", "name": "shards_den", "data": str(shards), "draws": 2},
     ]})
     root = tmp_path / "ckpts"
     save_step(checkpointer(str(root), tmp_path / "staging"), 1, model, tokenizer, tiny_config)
@@ -176,3 +179,4 @@ def test_users_data_layouts_score_like_the_builtin_heldout_set(tmp_path, model, 
     for name in ("top1", "top5", "mean_per_class_recall"):
         assert metrics["wds_zs"][name] == metrics["builtin_zs"][name]
     assert {k: v for k, v in metrics["shards_ret"].items()} == {k: v for k, v in metrics["builtin_ret"].items()}
+    assert metrics["shards_den"]["n_images"] == count and metrics["shards_den"] == metrics["builtin_den"]
