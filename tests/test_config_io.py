@@ -355,3 +355,28 @@ def test_to_dict_rejects_non_yaml_values() -> None:
     bad = dataclasses.replace(sample_root(), train=Train(extra=Path("/x")))
     with pytest.raises(TypeError, match=r"train\.extra: cannot write PosixPath"):
         to_dict(bad)
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_run_config_loads(path: Path) -> None:
+    """A typo or a renamed field in a shipped recipe fails here, not in a user's first run."""
+    from pretrain.config import load_run_config  # noqa: PLC0415
+
+    config = load_run_config(path)
+    assert config.train.steps > 0 and config.model.image_size > 0
+
+
+def test_small_digits_is_the_demo_recipe_at_the_small_size() -> None:
+    """What benchmarks/gpu.sh trains: every recipe field of the demo, every model field of `small`."""
+    from pretrain.config import load_run_config  # noqa: PLC0415
+
+    demo, small = load_run_config(CONFIGS / "demo.yaml"), load_run_config(CONFIGS / "model" / "small.yaml")
+    both = load_run_config(CONFIGS / "small-digits.yaml")
+    for section in ("loss", "optim", "train", "diffusion", "data"):
+        assert getattr(both, section) == getattr(demo, section), section
+    assert both.model.unet == small.model.unet and both.model.image_size == small.model.image_size == 32
+    assert both.model.text_encoder.hidden_size == small.model.text_encoder.hidden_size
+    assert both.model.text_encoder.tokenizer_kind == demo.model.text_encoder.tokenizer_kind == "word"
