@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Soak the multi-process code paths (not in CI): every test file that starts several processes
-# (mp.spawn, `--nproc`) and, as root, the 2-rank job under a real Slurm, SOAK_RUNS times in a row each,
-# then a 2-process tiny training run (`diffdis train --nproc 2`) SOAK_RUNS times. Stops at the first
-# failure (a run that only skipped counts as one) and keeps its log.
+# Soak the multi-process code paths (not in CI): the tests marked `multiprocess` (pyproject.toml: they
+# start several training processes by mp.spawn, `--nproc` or srun tasks; the Slurm ones only as root,
+# which scripts/slurm-local.sh needs), one item per test file, SOAK_RUNS times in a row each, then a
+# 2-process tiny training run (`diffdis train --nproc 2`) SOAK_RUNS times. Stops at the first failure
+# (a run that only skipped counts as one) and keeps its log.
 # Prints passes/runs per item and, as the last line, one JSON object with the figures.
 #
 #   SOAK_RUNS=5 bash scripts/soak.sh            # default 50 runs of each
@@ -11,7 +12,8 @@
 # A niced soak beside full-priority work can starve past pytest-timeout's limit (600 s): a failure
 # records whether that fired and the load average, so run it with SOAK_NICE=0 on a quiet machine
 # when the figure is to count.
-# Environment: SOAK_RUNS (50), SOAK_TESTS (files; default: found by grep), SOAK_TRAIN_RUNS
+#   SOAK_LIST=1 bash scripts/soak.sh           # print the items it would soak, run nothing
+# Environment: SOAK_RUNS (50), SOAK_TESTS (files or node ids, run whole; default: the marked tests), SOAK_TRAIN_RUNS
 # (SOAK_RUNS; 0 skips training), SOAK_TRAIN_STEPS (4), SOAK_LOG_DIR (a new temporary folder),
 # SOAK_NICE (15; every run is niced), PYTHON (.venv/bin/python).
 # Why: teardown races (e.g. gloo threads alive at interpreter exit, docs/design-notes.md) fail
@@ -32,12 +34,20 @@ mkdir -p "$logs"
 [ -x "$python" ] || { echo "soak.sh: no Python at $python (run scripts/bootstrap.sh or set PYTHON)" >&2; exit 2; }
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, also in spawned processes
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$(dirname "$(dirname "$python")")/torch_extensions}"
+select=()  # pytest's -m for the default items: only the marked tests of each file run
 if [ -n "${SOAK_TESTS:-}" ]; then
     read -r -a tests <<< "$SOAK_TESTS"
-else  # the tests that start more than one process: torch's mp.spawn or the launcher's --nproc
-    mapfile -t tests < <(grep -lE 'mp\.spawn\(|"--nproc"|train_command\(' tests/test_*.py | sort)
-    # and 2 ranks started by a real Slurm (srun, one task per rank); scripts/slurm-local.sh needs root
-    [ "$(id -u)" -eq 0 ] && tests+=("tests/test_cluster_slurm.py::test_preempt_requeue_resume_and_failure_not_requeued")
+else  # a marker, not a grep of the sources: a grep missed tests that start processes through a helper
+    marker="multiprocess"
+    [ "$(id -u)" -eq 0 ] || marker="multiprocess and not slurm"
+    select=(-m "$marker")
+    mapfile -t tests < <("$python" -m pytest --collect-only -q -p no:cacheprovider "${select[@]}" tests 2>/dev/null \
+        | grep -F '::' | cut -d: -f1 | sort -u)
+    [ "${#tests[@]}" -gt 0 ] || { echo "soak.sh: no test is marked multiprocess (pytest --collect-only -m '$marker')" >&2; exit 2; }
+fi
+if [ -n "${SOAK_LIST:-}" ]; then
+    printf '%s\n' "${tests[@]}"
+    exit 0
 fi
 
 names=() passes=() tried=() failed_json=null started=$SECONDS
@@ -96,7 +106,7 @@ train() {  # one fresh 2-process run of the tiny config (`diffdis train` is `pyt
 echo "soak: $runs runs of ${tests[*]}; $train_runs 2-process training runs ($train_steps steps); logs in $logs" >&2
 status=0
 for test in "${tests[@]}"; do
-    soak "$test" "$runs" "$python" -m pytest -x -q -p no:cacheprovider "$test" || { status=1; break; }
+    soak "$test" "$runs" "$python" -m pytest -x -q -p no:cacheprovider "${select[@]}" "$test" || { status=1; break; }
 done
 if [ "$status" -eq 0 ] && [ "$train_runs" -gt 0 ]; then
     soak "diffdis train --nproc 2" "$train_runs" train || status=1

@@ -105,6 +105,7 @@ def submit(run: Path, *extra: str, tasks: int = 2) -> str:
     return (run / "slurm" / "job_id").read_text().strip()
 
 
+@pytest.mark.multiprocess
 def test_preempt_requeue_resume_and_failure_not_requeued(slurm, tmp_path):
     t0 = time.monotonic()
     run = tmp_path / "train"
@@ -191,6 +192,7 @@ def test_ray_shard_job_on_slurm(slurm, tmp_path):
     print(f"\nray-on-slurm shard job: {time.monotonic() - t0:.1f} s")
 
 
+@pytest.mark.multiprocess
 def test_evaluator_job_evaluates_every_checkpoint_of_the_training_job_once(slurm, tmp_path):
     """`--evaluator`: a second job watches the run's checkpoints while the training job is queued or
     running, then makes a final pass. On this 2-CPU node the training job (2 ranks) holds both CPUs, so

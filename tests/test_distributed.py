@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from pretrain.checkpoint import COMPLETE, CheckpointError, tag_for
 from pretrain.config import CONFIGS_DIR, load_run_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.multiprocess]
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["train.batch_size=8", "train.log_every=1", "train.keep_last=0", "train.checkpoint_every=2",
           "optim.warmup_steps=2", "optim.grad_clip=0.5"]

@@ -18,7 +18,7 @@ from cluster.env import free_port
 from pretrain.losses import symmetric_info_nce
 from tests.contrastive_inputs import seeded_encoders_and_batch
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.multiprocess]
 BATCH, DIM, WORLD = 8, 6, 2
 
 

@@ -323,6 +323,7 @@ def test_too_many_rollbacks_stop_with_exit_65(tmp_path):
 
 # -- two processes ---------------------------------------------------------------------------------
 @pytest.mark.integration
+@pytest.mark.multiprocess
 def test_a_fault_on_one_rank_makes_every_rank_take_the_same_decision(tmp_path):
     """ZeRO-2, 2 gloo processes, 2 micro batches per step: a spike, a NaN loss and a NaN gradient on
     rank 1 only give the same events, guard states and final weights as the same faults on both ranks."""

@@ -17,7 +17,7 @@ from cluster.preemption import REQUEUE_EXIT_CODE
 from pretrain.checkpoint import COMPLETE, SLEEP_BEFORE_COMPLETE_ENV, tag_for
 from tests.test_distributed import ROOT, clean_env, train_command
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.multiprocess]
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> None:
