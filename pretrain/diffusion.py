@@ -56,6 +56,27 @@ class LossConfig:
     # (docs/design-notes.md, "Why L_IG does not train the text encoder"). A model without the
     # alignment task (gen-only) always trains its text encoder through L_IG: it has nothing else.
     text_grad_from_generation: bool = False
+    # λ at the last step; None (default): λ is align_weight throughout. With a value, λ falls from
+    # align_weight to it along a half cosine over train.steps (set by the trainer before each step, from
+    # the step count alone, so a resumed run takes the same λ). Why: on scenes λ = 0.05 lets alignment
+    # learn colour and size and 0.01 lets generation match gen-only, but neither does both
+    # (benchmarks/RESULTS.md, "λ = 0.01"); a falling λ gives the shared stream to alignment while its
+    # features form and back to generation later. Not yet measured; no shipped config sets it.
+    align_weight_final: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("align_weight", "align_weight_final"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"loss.{name}={value} must be >= 0")
+
+    def align_weight_at(self, progress: float) -> float:
+        """λ at ``progress`` (0 at the first step, 1 at the last; clamped to [0, 1])."""
+        if self.align_weight_final is None:
+            return self.align_weight
+        fraction = min(max(progress, 0.0), 1.0)
+        span = self.align_weight - self.align_weight_final
+        return self.align_weight_final + span * 0.5 * (1.0 + math.cos(math.pi * fraction))
 
 
 def train_scheduler(config: DiffusionConfig) -> DDPMScheduler:
@@ -150,6 +171,7 @@ class DiffDisObjective(nn.Module):
         self.diffusion = diffusion
         self.fused_infonce = fused_infonce  # kernels.fused_infonce: chunked InfoNCE, memory linear in N
         self.loss_config = loss
+        self.align_weight = loss.align_weight  # λ of the current step (set_progress)
         self.rank, self.world_size = rank, world_size
         self.temperature = LearnableTemperature(loss.init_temperature, loss.max_logit_scale, loss.learn_temperature)
         self.register_buffer(
@@ -163,6 +185,10 @@ class DiffDisObjective(nn.Module):
     @property
     def has_alignment(self) -> bool:
         return self.model.config.discrimination
+
+    def set_progress(self, progress: float) -> None:
+        """Called by the trainer before each step: λ follows ``loss.align_weight_final``'s schedule."""
+        self.align_weight = self.loss_config.align_weight_at(progress)
 
     def _random_timesteps(self, batch: int, device: torch.device) -> torch.Tensor:
         return torch.randint(0, self.diffusion.num_train_timesteps, (batch,), device=device)
@@ -219,6 +245,9 @@ class DiffDisObjective(nn.Module):
             prediction = self.alignment_pass(latents, text)
             loss_align = symmetric_info_nce(prediction, text.query, self.temperature(), self.rank, self.world_size,
                                             self.fused_infonce)
-        loss = loss_gen + self.loss_config.align_weight * loss_align
-        return {"loss": loss, "loss_gen": loss_gen.detach(), "loss_align": loss_align.detach(),
-                "logit_scale": self.temperature().detach()}
+        loss = loss_gen + self.align_weight * loss_align
+        losses = {"loss": loss, "loss_gen": loss_gen.detach(), "loss_align": loss_align.detach(),
+                  "logit_scale": self.temperature().detach()}
+        if self.loss_config.align_weight_final is not None:  # a scheduled λ is logged beside the losses
+            losses["align_weight"] = loss.new_tensor(self.align_weight)
+        return losses

@@ -146,3 +146,38 @@ def test_temperature_is_clamped():
     temperature = LearnableTemperature(init_temperature=0.001, max_scale=100.0)
     assert temperature().item() == pytest.approx(100.0)
     assert LearnableTemperature(0.07)().item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+# -- a scheduled alignment weight (loss.align_weight_final) ----------------------------------------
+def test_align_weight_falls_along_a_half_cosine_and_is_constant_without_a_final_value():
+    constant = LossConfig(align_weight=0.05)
+    assert [constant.align_weight_at(p) for p in (0.0, 0.5, 1.0)] == [0.05, 0.05, 0.05]
+    falling = LossConfig(align_weight=0.05, align_weight_final=0.01)
+    assert falling.align_weight_at(0.0) == pytest.approx(0.05) and falling.align_weight_at(1.0) == pytest.approx(0.01)
+    assert falling.align_weight_at(0.5) == pytest.approx(0.03)  # the midpoint of a half cosine
+    assert falling.align_weight_at(0.25) == pytest.approx(0.01 + 0.04 * (0.5 + 0.5 * 2 ** -0.5))
+    assert falling.align_weight_at(-1.0) == pytest.approx(0.05) and falling.align_weight_at(2.0) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="loss.align_weight_final"):
+        LossConfig(align_weight_final=-0.1)
+
+
+@pytest.mark.integration
+def test_the_trainer_sets_the_scheduled_align_weight_each_step_and_the_loss_uses_it(tmp_path):
+    """5 steps from λ = 1 to λ = 0: the logged λ follows the schedule by step (first 1, last 0), and
+    every step's loss is L_IG + λ·L_ITA with that λ."""
+    import json  # noqa: PLC0415
+    import math  # noqa: PLC0415
+
+    from pretrain.config import CONFIGS_DIR, load_run_config  # noqa: PLC0415
+    from pretrain.trainer import Trainer  # noqa: PLC0415
+
+    config = load_run_config(CONFIGS_DIR / "tiny.yaml", [
+        "data.source=digits", "model.image_size=8", "train.steps=5", "train.log_every=1", "train.batch_size=8",
+        "train.checkpoint_every=100", "loss.align_weight=1.0", "loss.align_weight_final=0.0", "health.enabled=false"])
+    Trainer(config, tmp_path / "run").train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    expected = [0.5 * (1 + math.cos(math.pi * index / 4)) for index in range(5)]
+    assert [r["align_weight"] for r in records] == pytest.approx(expected, abs=1e-6)
+    for record in records:
+        assert record["loss"] == pytest.approx(record["loss_gen"] + record["align_weight"] * record["loss_align"], rel=1e-5)
