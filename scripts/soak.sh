@@ -41,9 +41,13 @@ else  # a marker, not a grep of the sources: a grep missed tests that start proc
     marker="multiprocess"
     [ "$(id -u)" -eq 0 ] || marker="multiprocess and not slurm"
     select=(-m "$marker")
-    mapfile -t tests < <("$python" -m pytest --collect-only -q -p no:cacheprovider "${select[@]}" tests 2>/dev/null \
-        | grep -F '::' | cut -d: -f1 | sort -u)
-    [ "${#tests[@]}" -gt 0 ] || { echo "soak.sh: no test is marked multiprocess (pytest --collect-only -m '$marker')" >&2; exit 2; }
+    # a module that fails to import must stop the soak, not drop out of it: pytest then exits 2 (5: none marked)
+    if ! collected=$("$python" -m pytest --collect-only -q -p no:cacheprovider "${select[@]}" tests 2>&1); then
+        echo "soak.sh: collecting the tests marked multiprocess failed (pytest --collect-only -m '$marker'):" >&2
+        tail -n 20 <<< "$collected" >&2
+        exit 2
+    fi
+    mapfile -t tests < <(grep -F '::' <<< "$collected" | cut -d: -f1 | sort -u)
 fi
 if [ -n "${SOAK_LIST:-}" ]; then
     printf '%s\n' "${tests[@]}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -165,9 +167,6 @@ def test_align_weight_falls_along_a_half_cosine_and_is_constant_without_a_final_
 def test_the_trainer_sets_the_scheduled_align_weight_each_step_and_the_loss_uses_it(tmp_path):
     """5 steps from λ = 1 to λ = 0: the logged λ follows the schedule by step (first 1, last 0), and
     every step's loss is L_IG + λ·L_ITA with that λ."""
-    import json  # noqa: PLC0415
-    import math  # noqa: PLC0415
-
     from pretrain.config import CONFIGS_DIR, load_run_config  # noqa: PLC0415
     from pretrain.trainer import Trainer  # noqa: PLC0415
 
