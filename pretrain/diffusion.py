@@ -63,12 +63,22 @@ class LossConfig:
     # (benchmarks/RESULTS.md, "λ = 0.01"); a falling λ gives the shared stream to alignment while its
     # features form and back to generation later. Not yet measured; no shipped config sets it.
     align_weight_final: float | None = None
+    # How much of L_ITA's gradient reaches the UNet parameters the alignment pass shares with generation
+    # (encoder path, middle block, time embedding, null context): 1 (default) = all of it, 0 = none (the
+    # alignment pass reads them as constants, and only the text stream, the head, the alignment
+    # adapters and the text encoder learn from L_ITA). The value of every parameter is unchanged, only
+    # its gradient is scaled. Why: under AdamW, λ sets both how much alignment moves the shared stream
+    # and nothing else, so it cannot protect generation without starving alignment of shared features
+    # (docs/design-notes.md). Not with ZeRO-3 or activation checkpointing (the trainer says so).
+    align_grad_to_shared: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("align_weight", "align_weight_final"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"loss.{name}={value} must be >= 0")
+        if not 0.0 <= self.align_grad_to_shared <= 1.0:
+            raise ValueError(f"loss.align_grad_to_shared={self.align_grad_to_shared} must lie in [0, 1]")
 
     def align_weight_at(self, progress: float) -> float:
         """λ at ``progress`` (0 at the first step, 1 at the last; clamped to [0, 1])."""
@@ -133,13 +143,15 @@ def predict_clean_query(
     alphas_cumprod: torch.Tensor,
     config: DiffusionConfig,
     drop: torch.Tensor | None = None,
+    shared_grad: float = 1.0,
 ) -> torch.Tensor:
     """The alignment task's forward: ê_0 = Φ_θ(e_t, t_e, z) with e_t = add_noise(γ·s·e, noise, t_e).
 
     The caption condition c is masked (null context), the image latent is clean (t_z = 0) and replaced
     by the null latent (zeros) where ``drop`` is True. The noised input is built from a detached e: the
     encoder learns e only through the loss's targets. One function for the training pass and the
-    health diagnostics (``pretrain.diagnostics``), so both see the same masking."""
+    health diagnostics (``pretrain.diagnostics``), so both see the same masking. ``shared_grad`` scales
+    the gradient that reaches the UNet parameters shared with generation (``LossConfig.align_grad_to_shared``)."""
     batch = latents.shape[0]
     clean = query_to_diffusion_space(query.detach(), config)
     noisy = add_noise(clean, noise.to(clean.dtype), timesteps, alphas_cumprod)
@@ -147,7 +159,23 @@ def predict_clean_query(
     if drop is not None:
         image = torch.where(drop.view(-1, *([1] * (latents.dim() - 1))), torch.zeros_like(latents), latents)
     zero_t = torch.zeros(batch, dtype=torch.long, device=latents.device)
-    return model(image, zero_t, None, query=noisy, query_timesteps=timesteps, run_decoder=False).query_pred
+    args, kwargs = (image, zero_t, None), {"query": noisy, "query_timesteps": timesteps, "run_decoder": False}
+    if shared_grad == 1.0:
+        return model.unet(*args, **kwargs).query_pred
+    parameters = shared_parameters_with_grad_scale(model.unet, shared_grad)
+    return torch.func.functional_call(model.unet, parameters, args, kwargs, strict=False).query_pred
+
+
+def shared_parameters_with_grad_scale(unet: nn.Module, scale: float) -> dict[str, torch.Tensor]:
+    """The UNet's parameters that generation also uses, each as a tensor with the parameter's value
+    and ``scale`` times its gradient (``scale`` = 0: detached). For ``torch.func.functional_call``."""
+    scaled = {}
+    for name, parameter in unet.named_parameters():
+        if unet.is_alignment_only(name):
+            continue
+        frozen = parameter.detach()
+        scaled[name] = frozen if scale == 0.0 else frozen + scale * (parameter - frozen)
+    return scaled
 
 
 class DiffDisObjective(nn.Module):
@@ -221,7 +249,7 @@ class DiffDisObjective(nn.Module):
         noise = torch.randn_like(text.query)
         drop = drop_mask(batch, self.diffusion.cfg_dropout, latents.device)
         return predict_clean_query(self.model, latents, text.query, timesteps, noise, self.alphas_cumprod,
-                                   self.diffusion, drop)
+                                   self.diffusion, drop, self.loss_config.align_grad_to_shared)
 
     def forward(
         self,

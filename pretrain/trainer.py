@@ -97,6 +97,11 @@ class Trainer:
         if config.train.guard.enabled and config.deepspeed.zero_stage == 0 and not self.runtime.bf16:
             raise ValueError("train.guard needs DeepSpeed's overflow skip, which ZeRO stage 0 in fp32 lacks: set "
                              "deepspeed.zero_stage>=1 (the default is 1) or train.guard.enabled=false")
+        if config.loss.align_grad_to_shared != 1.0 and (config.deepspeed.zero_stage == 3
+                                                        or config.train.activation_checkpointing):
+            raise ValueError("loss.align_grad_to_shared < 1 swaps the shared UNet parameters for the alignment pass, "
+                             "which ZeRO-3's partitioned parameters and activation checkpointing's recompute do not "
+                             "see: use deepspeed.zero_stage<=2 and train.activation_checkpointing=false")
         seed_everything(config.train.seed + self.dist.rank)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:

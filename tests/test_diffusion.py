@@ -94,6 +94,67 @@ def test_alignment_loss_sends_no_gradient_to_the_decoder(make_model, encode):
     assert _grad_norms(_objective(make_model(discrimination=False)), "gen", encode)["text_encoder"] > 0
 
 
+def _align_grads(objective, encode) -> dict[str, torch.Tensor]:
+    """Gradients of L_ITA alone on every UNet parameter, for one fixed draw."""
+    objective.zero_grad(set_to_none=True)
+    tokens = encode(["a handwritten 7", "a handwritten 3", "digit 5 (five)", "a scan of a handwritten one"])
+    text = objective.model.encode_text(**tokens)
+    torch.manual_seed(0)
+    prediction = objective.alignment_pass(_pixels(), text)
+    symmetric_info_nce(prediction, text.query, objective.temperature()).backward()
+    return {n: p.grad.clone() for n, p in objective.model.unet.named_parameters() if p.grad is not None}, prediction
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.25])
+def test_align_grad_to_shared_scales_only_the_shared_stream_gradient(make_model, encode, scale):
+    unet_config = replace(make_model().config.unet, align_adapter_dim=8)
+    full, full_prediction = _align_grads(_objective(make_model(unet=unet_config)), encode)
+    scaled, prediction = _align_grads(_objective(make_model(unet=unet_config), align_grad_to_shared=scale), encode)
+    torch.testing.assert_close(prediction, full_prediction, rtol=0, atol=0)  # values are untouched
+    unet = make_model().unet
+    shared = [n for n in full if not unet.is_alignment_only(n)]
+    own = [n for n in full if unet.is_alignment_only(n)]
+    assert len(shared) > 10 and any("align_adapter" in n for n in own) and any(n.startswith("head.") for n in own)
+    for name in own:  # the text stream, head and adapters learn from L_ITA exactly as before
+        torch.testing.assert_close(scaled[name], full[name], rtol=1e-5, atol=1e-8)
+    assert sum(full[n].norm() for n in shared) > 1e-3
+    for name in shared:
+        torch.testing.assert_close(scaled.get(name, torch.zeros_like(full[name])), scale * full[name],
+                                   rtol=1e-4, atol=1e-8)
+
+
+def test_alignment_adapter_starts_as_identity_and_stays_out_of_generation(make_model, encode):
+    plain = make_model()
+    adapted = make_model(unet=replace(plain.config.unet, align_adapter_dim=8))
+    adapters = [n for n, _ in adapted.unet.named_parameters() if "align_adapter" in n]
+    assert adapters and not any("up_levels" in n for n in adapters)
+    # same weights elsewhere: copy them over, then both models must agree on both tasks at init
+    missing = adapted.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == sorted(f"unet.{n}" for n in adapters)
+    tokens = encode(["a handwritten 7"] * 4)
+    latents = _pixels()
+    for model in (plain, adapted):
+        torch.manual_seed(3)
+        text = model.encode_text(**tokens)
+        model.outputs = (_objective(model).alignment_pass(latents, text), _objective(model).generation_pass(latents, text)[0])
+    torch.testing.assert_close(adapted.outputs[0], plain.outputs[0], rtol=0, atol=0)
+    torch.testing.assert_close(adapted.outputs[1], plain.outputs[1], rtol=0, atol=0)
+
+
+def test_align_grad_to_shared_is_refused_where_parameters_are_not_swappable(tmp_path):
+    from pretrain.config import RunConfig  # noqa: PLC0415
+    from pretrain.trainer import Trainer  # noqa: PLC0415
+
+    config = RunConfig()
+    config.loss.align_grad_to_shared = 0.0
+    config.deepspeed.zero_stage = 3
+    with pytest.raises(ValueError, match="align_grad_to_shared"):
+        Trainer(config, tmp_path)
+    assert not LossConfig(align_grad_to_shared=0.5).align_grad_to_shared - 0.5
+    with pytest.raises(ValueError, match="align_grad_to_shared"):
+        LossConfig(align_grad_to_shared=1.5)
+
+
 @pytest.mark.parametrize("variant", ["gen-only", "dis-only"])
 def test_baselines_train_with_only_their_loss(make_model, encode, variant):
     fields = {"gen-only": {"discrimination": False}, "dis-only": {"generation": False}}[variant]

@@ -29,6 +29,22 @@ def query_projection(text_dim: int, channels: int, zero_init: bool) -> nn.Linear
     return projection
 
 
+class AlignmentAdapter(nn.Module):
+    """Alignment-only image-token adapter: LayerNorm → Linear(C, r) → GELU → Linear(r, C), added as a
+    residual. The output layer starts at zero, so a model with adapters starts as one without."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.down = nn.Linear(channels, width)
+        self.up = nn.Linear(width, channels)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image + self.up(nn.functional.gelu(self.down(self.norm(image))))
+
+
 class JointLayer(nn.Module):
     """One of the K layers: joint self-attention, then per-stream paths.
 
@@ -81,6 +97,7 @@ class FusionBlock(nn.Module):
         norm_groups: int,
         ff_mult: int,
         zero_init_query_in: bool = False,
+        align_adapter_dim: int = 0,
     ):
         super().__init__()
         with_text = text_dim is not None
@@ -93,6 +110,7 @@ class FusionBlock(nn.Module):
         if with_text:
             self.text_in = query_projection(text_dim, channels, zero_init_query_in)
             self.text_out = nn.Linear(channels, text_dim)
+        self.align_adapter = AlignmentAdapter(channels, align_adapter_dim) if with_text and align_adapter_dim else None
 
     def forward(
         self,
@@ -108,6 +126,8 @@ class FusionBlock(nn.Module):
             text = self.text_in(text_base + hidden_text).unsqueeze(1)
         for layer in self.layers:
             image, text = layer(image, context, text)
+        if text is not None and self.align_adapter is not None:  # the alignment pass only
+            image = self.align_adapter(image)
         image = self.proj_out(image).transpose(1, 2).reshape(batch, channels, height, width)
         new_hidden_text = hidden_text if text is None else self.text_out(text.squeeze(1))
         return hidden + image, new_hidden_text

@@ -75,8 +75,15 @@ class UNetConfig:
     # almost only on e_t (it runs through the residual stream) and barely on the image, InfoNCE then
     # pulls all queries to their mean and the run may never escape (docs/design-notes.md).
     zero_init_query_in: bool = True
+    # Width of an alignment-only adapter in every fusion block that carries the text token: a
+    # zero-initialised bottleneck MLP on the image tokens, run only in the alignment pass (0 = none).
+    # It gives the alignment task image-stream capacity of its own, so that with
+    # ``loss.align_grad_to_shared`` < 1 it can still shape the features it reads (docs/design-notes.md).
+    align_adapter_dim: int = 0
 
     def validate(self) -> None:
+        if self.align_adapter_dim < 0:
+            raise ValueError(f"align_adapter_dim={self.align_adapter_dim} must be >= 0 (0 = no adapter)")
         if len(self.attention_levels) != len(self.block_channels):
             raise ValueError(
                 f"attention_levels has {len(self.attention_levels)} entries but block_channels has "

@@ -66,7 +66,7 @@ class DualStreamUNet(nn.Module):
             return FusionBlock(
                 channels, context_dim, text_dim if with_text else None,
                 config.transformer_depth, config.head_dim, config.norm_groups, config.ff_mult,
-                config.zero_init_query_in,
+                config.zero_init_query_in, config.align_adapter_dim,
             )
 
         self.time_proj = Timesteps(widths[0], flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -115,6 +115,15 @@ class DualStreamUNet(nn.Module):
                 self.up_levels.append(_Level(resnets, fusions, up))
             self.norm_out = nn.GroupNorm(config.norm_groups, widths[0], eps=1e-6)
             self.conv_out = nn.Conv2d(widths[0], latent_channels, kernel_size=3, padding=1)
+
+    # Parameter-name pieces of the modules only the alignment pass runs (the text stream, the head,
+    # the query-timestep embedder, the alignment adapters); everything else it runs generation shares.
+    ALIGNMENT_ONLY = ("text_in.", "text_out.", "ff_text.", "norm_ff_text.", "align_adapter.")
+
+    @classmethod
+    def is_alignment_only(cls, name: str) -> bool:
+        """Whether parameter ``name`` (as in ``named_parameters()``) is used by the alignment pass alone."""
+        return name.startswith(("head.", "query_time_embedding.")) or any(piece in name for piece in cls.ALIGNMENT_ONLY)
 
     def _block(self, block: nn.Module, *args):
         """Run one ResBlock / fusion block, under activation checkpointing when it is switched on.
