@@ -377,6 +377,9 @@ def test_small_digits_is_the_demo_recipe_at_the_small_size() -> None:
     both = load_run_config(CONFIGS / "small-digits.yaml")
     for section in ("loss", "optim", "train", "diffusion", "data"):
         assert getattr(both, section) == getattr(demo, section), section
-    assert both.model.unet == small.model.unet and both.model.image_size == small.model.image_size == 32
+    # the alignment adapters are part of the recipe: the demo's width, on small's UNet
+    recipe_unet = dataclasses.replace(small.model.unet, align_adapter_dim=demo.model.unet.align_adapter_dim)
+    assert demo.model.unet.align_adapter_dim > 0 and both.loss.align_grad_to_shared == 0.0
+    assert both.model.unet == recipe_unet and both.model.image_size == small.model.image_size == 32
     assert both.model.text_encoder.hidden_size == small.model.text_encoder.hidden_size
     assert both.model.text_encoder.tokenizer_kind == demo.model.text_encoder.tokenizer_kind == "word"
