@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from pretrain.losses import LearnableTemperature, symmetric_info_nce
-from pretrain.model import DiffDisModel, TextFeatures
+from pretrain.model import DiffDisModel, DualStreamUNet, TextFeatures
 
 
 @dataclass
@@ -166,15 +166,17 @@ def predict_clean_query(
     return torch.func.functional_call(model.unet, parameters, args, kwargs, strict=False).query_pred
 
 
-def shared_parameters_with_grad_scale(unet: nn.Module, scale: float) -> dict[str, torch.Tensor]:
-    """The UNet's parameters that generation also uses, each as a tensor with the parameter's value
-    and ``scale`` times its gradient (``scale`` = 0: detached). For ``torch.func.functional_call``."""
+def shared_parameters_with_grad_scale(unet: DualStreamUNet, scale: float) -> dict[str, torch.Tensor]:
+    """The UNet's parameters that both passes use, each as a tensor with the parameter's value and
+    ``scale`` times its gradient (``scale`` = 0: detached). For ``torch.func.functional_call``, which
+    takes every other parameter (alignment-only ones, and the decoder the pass never runs) as it is."""
+    parameters = dict(unet.named_parameters())
     scaled = {}
-    for name, parameter in unet.named_parameters():
-        if unet.is_alignment_only(name):
+    for name, role in unet.parameter_roles().items():
+        if role != "shared":
             continue
-        frozen = parameter.detach()
-        scaled[name] = frozen if scale == 0.0 else frozen + scale * (parameter - frozen)
+        frozen = parameters[name].detach()
+        scaled[name] = frozen if scale == 0.0 else frozen + scale * (parameters[name] - frozen)
     return scaled
 
 

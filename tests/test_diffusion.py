@@ -105,15 +105,35 @@ def _align_grads(objective, encode) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in objective.model.unet.named_parameters() if p.grad is not None}, prediction
 
 
+def _users(objective, term: str, encode) -> set[str]:
+    """The UNet parameters in the autograd graph of one loss term: zero-initialised ones count too."""
+    _grad_norms(objective, term, encode)
+    return {name for name, parameter in objective.model.unet.named_parameters() if parameter.grad is not None}
+
+
+def test_parameter_roles_are_the_passes_that_use_each_parameter(make_model, encode):
+    model = make_model(unet=replace(make_model().config.unet, align_adapter_dim=8))
+    roles = model.unet.parameter_roles()
+    by_role = {role: {name for name, r in roles.items() if r == role} for role in ("alignment", "generation", "shared")}
+    assert all(by_role.values()) and sum(map(len, by_role.values())) == len(list(model.unet.parameters()))
+    assert any("align_adapter" in name for name in by_role["alignment"])
+    objective = _objective(model)
+    assert _users(objective, "align", encode) == by_role["shared"] | by_role["alignment"]
+    assert _users(objective, "gen", encode) == by_role["shared"] | by_role["generation"]
+    # baselines: gen-only has nothing alignment-only, dis-only nothing generation-only
+    assert "alignment" not in make_model(discrimination=False).unet.parameter_roles().values()
+    assert "generation" not in make_model(generation=False).unet.parameter_roles().values()
+
+
 @pytest.mark.parametrize("scale", [0.0, 0.25])
 def test_align_grad_to_shared_scales_only_the_shared_stream_gradient(make_model, encode, scale):
     unet_config = replace(make_model().config.unet, align_adapter_dim=8)
     full, full_prediction = _align_grads(_objective(make_model(unet=unet_config)), encode)
     scaled, prediction = _align_grads(_objective(make_model(unet=unet_config), align_grad_to_shared=scale), encode)
     torch.testing.assert_close(prediction, full_prediction, rtol=0, atol=0)  # values are untouched
-    unet = make_model().unet
-    shared = [n for n in full if not unet.is_alignment_only(n)]
-    own = [n for n in full if unet.is_alignment_only(n)]
+    roles = make_model(unet=unet_config).unet.parameter_roles()
+    shared = [n for n in full if roles[n] == "shared"]
+    own = [n for n in full if roles[n] == "alignment"]
     assert len(shared) > 10 and any("align_adapter" in n for n in own) and any(n.startswith("head.") for n in own)
     for name in own:  # the text stream, head and adapters learn from L_ITA exactly as before
         torch.testing.assert_close(scaled[name], full[name], rtol=1e-5, atol=1e-8)
@@ -133,12 +153,13 @@ def test_alignment_adapter_starts_as_identity_and_stays_out_of_generation(make_m
     assert sorted(missing) == sorted(f"unet.{n}" for n in adapters)
     tokens = encode(["a handwritten 7"] * 4)
     latents = _pixels()
-    for model in (plain, adapted):
+    outputs = {}
+    for name, model in (("plain", plain), ("adapted", adapted)):
         torch.manual_seed(3)
         text = model.encode_text(**tokens)
-        model.outputs = (_objective(model).alignment_pass(latents, text), _objective(model).generation_pass(latents, text)[0])
-    torch.testing.assert_close(adapted.outputs[0], plain.outputs[0], rtol=0, atol=0)
-    torch.testing.assert_close(adapted.outputs[1], plain.outputs[1], rtol=0, atol=0)
+        outputs[name] = (_objective(model).alignment_pass(latents, text), _objective(model).generation_pass(latents, text)[0])
+    torch.testing.assert_close(outputs["adapted"][0], outputs["plain"][0], rtol=0, atol=0)  # ê_0
+    torch.testing.assert_close(outputs["adapted"][1], outputs["plain"][1], rtol=0, atol=0)  # ε̂_z
 
 
 def test_align_grad_to_shared_is_refused_where_parameters_are_not_swappable(tmp_path):
@@ -150,7 +171,7 @@ def test_align_grad_to_shared_is_refused_where_parameters_are_not_swappable(tmp_
     config.deepspeed.zero_stage = 3
     with pytest.raises(ValueError, match="align_grad_to_shared"):
         Trainer(config, tmp_path)
-    assert not LossConfig(align_grad_to_shared=0.5).align_grad_to_shared - 0.5
+    assert LossConfig(align_grad_to_shared=0.5).align_grad_to_shared == 0.5  # in range: accepted as given
     with pytest.raises(ValueError, match="align_grad_to_shared"):
         LossConfig(align_grad_to_shared=1.5)
 

@@ -60,9 +60,14 @@ class JointLayer(nn.Module):
         self.cross_attn = MultiHeadAttention(dim, head_dim, context_dim=context_dim)
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, mult=ff_mult, activation_fn="geglu")
+        self.with_text = with_text
         if with_text:
             self.norm_ff_text = nn.LayerNorm(dim)
             self.ff_text = FeedForward(dim, mult=ff_mult, activation_fn="geglu")
+
+    def text_modules(self) -> list[nn.Module]:
+        """The text token's own path (its FFN), which only the alignment pass runs."""
+        return [self.norm_ff_text, self.ff_text] if self.with_text else []
 
     def forward(
         self, image: torch.Tensor, context: torch.Tensor, text: torch.Tensor | None
@@ -111,6 +116,14 @@ class FusionBlock(nn.Module):
             self.text_in = query_projection(text_dim, channels, zero_init_query_in)
             self.text_out = nn.Linear(channels, text_dim)
         self.align_adapter = AlignmentAdapter(channels, align_adapter_dim) if with_text and align_adapter_dim else None
+
+    def alignment_only_modules(self) -> list[nn.Module]:
+        """The modules only the alignment pass runs here: the text token's projections and FFNs, and
+        the adapter. The image path (norm, proj_in/out, attention, image FFN) is shared with generation."""
+        if not hasattr(self, "text_in"):
+            return []
+        adapter = [] if self.align_adapter is None else [self.align_adapter]
+        return [self.text_in, self.text_out, *adapter, *(m for layer in self.layers for m in layer.text_modules())]
 
     def forward(
         self,

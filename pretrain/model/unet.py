@@ -116,14 +116,29 @@ class DualStreamUNet(nn.Module):
             self.norm_out = nn.GroupNorm(config.norm_groups, widths[0], eps=1e-6)
             self.conv_out = nn.Conv2d(widths[0], latent_channels, kernel_size=3, padding=1)
 
-    # Parameter-name pieces of the modules only the alignment pass runs (the text stream, the head,
-    # the query-timestep embedder, the alignment adapters); everything else it runs generation shares.
-    ALIGNMENT_ONLY = ("text_in.", "text_out.", "ff_text.", "norm_ff_text.", "align_adapter.")
+    def alignment_only_modules(self) -> list[nn.Module]:
+        """The modules only the alignment pass runs: the query-timestep embedder, the head, and the text
+        path (and adapter) of every fusion block in the joint stream."""
+        if not self.discrimination:
+            return []
+        joint_fusions = [fusion for level in self.down_levels
+                         for fusion, has_fusion in zip(level.fusions, level.has_fusion) if has_fusion]
+        return [self.query_time_embedding, self.head,
+                *(module for fusion in [*joint_fusions, self.mid_fusion] for module in fusion.alignment_only_modules())]
 
-    @classmethod
-    def is_alignment_only(cls, name: str) -> bool:
-        """Whether parameter ``name`` (as in ``named_parameters()``) is used by the alignment pass alone."""
-        return name.startswith(("head.", "query_time_embedding.")) or any(piece in name for piece in cls.ALIGNMENT_ONLY)
+    def generation_only_modules(self) -> list[nn.Module]:
+        """The decoder path and output layers, which the alignment pass never runs (``run_decoder=False``)."""
+        return [self.up_levels, self.norm_out, self.conv_out] if self.generation else []
+
+    def parameter_roles(self) -> dict[str, str]:
+        """Each parameter's name (as in ``named_parameters()``) → the pass that uses it: ``"alignment"``,
+        ``"generation"`` or ``"shared"`` (both: the encoder path, middle block, time embedding, null context).
+        Derived from the modules, so it follows a renamed or added module without a list to keep in step."""
+        role_of = {}
+        for role, modules in (("alignment", self.alignment_only_modules()), ("generation", self.generation_only_modules())):
+            for module in modules:
+                role_of.update((id(parameter), role) for parameter in module.parameters())
+        return {name: role_of.get(id(parameter), "shared") for name, parameter in self.named_parameters()}
 
     def _block(self, block: nn.Module, *args):
         """Run one ResBlock / fusion block, under activation checkpointing when it is switched on.
