@@ -56,6 +56,13 @@ class LossConfig:
     # (docs/design-notes.md, "Why L_IG does not train the text encoder"). A model without the
     # alignment task (gen-only) always trains its text encoder through L_IG: it has nothing else.
     text_grad_from_generation: bool = False
+    # The optimizer step from which text_grad_from_generation applies (0 = from the start). Why: at
+    # init the text queries have not spread out yet, and L_IG's gradient into the text encoder then
+    # pulls them together: the demo recipe with L_IG training the text encoder from step 0 flagged
+    # query collapse at steps 20-30 of a 120-step run before it recovered (benchmarks/RESULTS.md,
+    # "Scenes seeds 2-3"). Set by the trainer before each step from the step count, so a resumed run
+    # takes the same setting.
+    text_grad_from_generation_start: int = 0
     # λ at the last step; None (default): λ is align_weight throughout. With a value, λ falls from
     # align_weight to it along a half cosine over train.steps (set by the trainer before each step, from
     # the step count alone, so a resumed run takes the same λ). Why: on scenes λ = 0.05 lets alignment
@@ -79,6 +86,12 @@ class LossConfig:
                 raise ValueError(f"loss.{name}={value} must be >= 0")
         if not 0.0 <= self.align_grad_to_shared <= 1.0:
             raise ValueError(f"loss.align_grad_to_shared={self.align_grad_to_shared} must lie in [0, 1]")
+        if self.text_grad_from_generation_start < 0:
+            raise ValueError(f"loss.text_grad_from_generation_start={self.text_grad_from_generation_start} must be >= 0")
+
+    def text_grad_from_generation_at(self, step: int) -> bool:
+        """Whether L_IG trains the text encoder at optimizer step ``step`` (a model with alignment)."""
+        return self.text_grad_from_generation and step >= self.text_grad_from_generation_start
 
     def align_weight_at(self, progress: float) -> float:
         """λ at ``progress`` (0 at the first step, 1 at the last; clamped to [0, 1])."""
@@ -202,6 +215,7 @@ class DiffDisObjective(nn.Module):
         self.fused_infonce = fused_infonce  # kernels.fused_infonce: chunked InfoNCE, memory linear in N
         self.loss_config = loss
         self.align_weight = loss.align_weight  # λ of the current step (set_progress)
+        self.text_grad_from_generation = loss.text_grad_from_generation_at(0)  # of the current step (set_progress)
         self.rank, self.world_size = rank, world_size
         self.temperature = LearnableTemperature(loss.init_temperature, loss.max_logit_scale, loss.learn_temperature)
         self.register_buffer(
@@ -216,9 +230,11 @@ class DiffDisObjective(nn.Module):
     def has_alignment(self) -> bool:
         return self.model.config.discrimination
 
-    def set_progress(self, progress: float) -> None:
-        """Called by the trainer before each step: λ follows ``loss.align_weight_final``'s schedule."""
-        self.align_weight = self.loss_config.align_weight_at(progress)
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Called by the trainer before each optimizer step: λ follows ``loss.align_weight_final``'s
+        schedule and L_IG starts training the text encoder at ``loss.text_grad_from_generation_start``."""
+        self.align_weight = self.loss_config.align_weight_at(step / max(1, total_steps - 1))
+        self.text_grad_from_generation = self.loss_config.text_grad_from_generation_at(step)
 
     def _random_timesteps(self, batch: int, device: torch.device) -> torch.Tensor:
         return torch.randint(0, self.diffusion.num_train_timesteps, (batch,), device=device)
@@ -238,7 +254,7 @@ class DiffDisObjective(nn.Module):
         timesteps = self._random_timesteps(batch, latents.device)
         noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod)
         drop = drop_mask(batch, self.diffusion.cfg_dropout, latents.device)
-        trains_text = self.loss_config.text_grad_from_generation or not self.has_alignment
+        trains_text = self.text_grad_from_generation or not self.has_alignment
         condition = text.condition if trains_text else text.condition.detach()
         context = self.model.unet.mask_context(condition, drop)
         return self.model(noisy, timesteps, context).noise_pred, noise

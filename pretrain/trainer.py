@@ -169,8 +169,8 @@ class Trainer:
         totals: dict[str, float] = {}
         waited = 0.0
         objective = self.engine.module
-        if hasattr(objective, "set_progress"):  # a scheduled λ (loss.align_weight_final): from the step alone
-            objective.set_progress(self.counter.step / max(1, self.config.train.steps - 1))
+        if hasattr(objective, "set_progress"):  # step-scheduled loss settings: from the step count alone
+            objective.set_progress(self.counter.step, self.config.train.steps)
         self.guard.drawn += 1
         self._step_fault, self._step_losses = None, []
         for _ in range(self.config.train.grad_accum):

@@ -94,6 +94,21 @@ def test_alignment_loss_sends_no_gradient_to_the_decoder(make_model, encode):
     assert _grad_norms(_objective(make_model(discrimination=False)), "gen", encode)["text_encoder"] > 0
 
 
+def test_generation_trains_the_text_encoder_from_the_configured_step_on(make_model, encode):
+    """loss.text_grad_from_generation_start = 3: the trainer's set_progress(step, total) closes L_IG's
+    text gradient before step 3 and opens it from step 3; the default start (0) opens it at once."""
+    delayed = _objective(make_model(), text_grad_from_generation=True, text_grad_from_generation_start=3)
+    assert _grad_norms(delayed, "gen", encode)["text_encoder"] == 0  # before the trainer's first call: step 0
+    delayed.set_progress(2, 10)
+    assert _grad_norms(delayed, "gen", encode)["text_encoder"] == 0
+    delayed.set_progress(3, 10)
+    assert _grad_norms(delayed, "gen", encode)["text_encoder"] > 0
+    at_once = _objective(make_model(), text_grad_from_generation=True)
+    assert _grad_norms(at_once, "gen", encode)["text_encoder"] > 0
+    with pytest.raises(ValueError, match="loss.text_grad_from_generation_start"):
+        LossConfig(text_grad_from_generation_start=-1)
+
+
 def _align_grads(objective, encode) -> dict[str, torch.Tensor]:
     """Gradients of L_ITA alone on every UNet parameter, for one fixed draw."""
     objective.zero_grad(set_to_none=True)
