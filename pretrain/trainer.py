@@ -101,7 +101,8 @@ class Trainer:
                                                         or config.train.activation_checkpointing):
             raise ValueError("loss.align_grad_to_shared < 1 swaps the shared UNet parameters for the alignment pass, "
                              "which ZeRO-3's partitioned parameters and activation checkpointing's recompute do not "
-                             "see: use deepspeed.zero_stage<=2 and train.activation_checkpointing=false")
+                             "see: use deepspeed.zero_stage<=2 and train.activation_checkpointing=false, or set "
+                             "loss.align_grad_to_shared=1 with loss.align_weight=0.05 (configs/demo.yaml says why)")
         seed_everything(config.train.seed + self.dist.rank)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
