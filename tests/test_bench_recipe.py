@@ -76,4 +76,5 @@ def test_baselines_are_the_demo_recipe_with_one_task_switched_off(bench, tmp_pat
         assert config.optim == configs["diffdis"].optim
     assert (configs["dis-only"].model.generation, configs["dis-only"].model.discrimination) == (False, True)
     assert (configs["gen-only"].model.discrimination, configs["gen-only"].loss.align_weight) == (False, 0.0)
-    assert configs["diffdis"].loss.align_weight == 0.05  # the demo recipe's (configs/demo.yaml)
+    # the demo recipe's (configs/demo.yaml): METHOD's lambda, both losses training the text encoder
+    assert (configs["diffdis"].loss.align_weight, configs["diffdis"].loss.text_grad_from_generation) == (1.0, True)
