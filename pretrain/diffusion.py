@@ -56,12 +56,11 @@ class LossConfig:
     # (docs/design-notes.md, "Why L_IG does not train the text encoder"). A model without the
     # alignment task (gen-only) always trains its text encoder through L_IG: it has nothing else.
     text_grad_from_generation: bool = False
-    # The optimizer step from which text_grad_from_generation applies (0 = from the start). Why: at
-    # init the text queries have not spread out yet, and L_IG's gradient into the text encoder then
-    # pulls them together: the demo recipe with L_IG training the text encoder from step 0 flagged
-    # query collapse at steps 20-30 of a 120-step run before it recovered (benchmarks/RESULTS.md,
-    # "Scenes seeds 2-3"). Set by the trainer before each step from the step count, so a resumed run
-    # takes the same setting.
+    # The optimizer step from which text_grad_from_generation applies (0 = from the start). Set by the
+    # trainer before each step from the step count, so a resumed run takes the same setting. Measured
+    # at λ = 0.05 (start 100): it avoids the early query collapse but kept little of the generation gain
+    # on scenes; the demo recipe balances the text encoder with λ = 1 instead and leaves this at 0
+    # (benchmarks/RESULTS.md, "L_IG trains the text encoder at METHOD's λ = 1").
     text_grad_from_generation_start: int = 0
     # λ at the last step; None (default): λ is align_weight throughout. With a value, λ falls from
     # align_weight to it along a half cosine over train.steps (set by the trainer before each step, from
