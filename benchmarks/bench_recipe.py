@@ -6,7 +6,9 @@ with the Ray pipeline, as ``diffdis demo`` does) with the recipe of ``configs/de
 seed, and measures:
 
 - **discrimination**: held-out zero-shot top-1 (``pretrain.evaluate.evaluate``; on scenes also
-  ``top1_shape``/``top1_colour``/``top1_size``) for every model that has a text-query path;
+  ``top1_shape``/``top1_colour``/``top1_size``) for every model that has a text-query path, and beside
+  it a linear probe of the same image queries (``probe_*``, ``pretrain.evaluate.probe_queries``), which
+  says whether a zero-shot miss is the image side's or the class prompts';
 - **generation** (DiffDis vs gen-only): the final L_IG (mean ``loss_gen`` of the last 5 logged
   records of ``metrics.jsonl``: one batch's loss is noisy), the held-out L_IG on fixed draws
   (``pretrain.denoising``: the same (t_z, ε) for every model; conditional and with the null context,
@@ -100,7 +102,8 @@ DATASETS = {
     "scenes": DatasetSpec("scenes", CONFIGS_DIR / "data" / "scenes.yaml", ("data.eval_set=scenes",),
                           module="data_pipeline.scenes"),
 }
-SUMMARY_METRICS = ("top1", "top1_shape", "top1_colour", "top1_size", "l_ig", "l_ig_heldout", "l_ig_heldout_uncond",
+PROBE_METRICS = ("probe_digit", "probe_shape", "probe_colour", "probe_size")
+SUMMARY_METRICS = ("top1", "top1_shape", "top1_colour", "top1_size", *PROBE_METRICS, "l_ig", "l_ig_heldout", "l_ig_heldout_uncond",
                    "pf_train_style", "pf_unseen",
                    "pf_train_style_shape", "pf_train_style_colour", "pf_unseen_shape", "pf_unseen_colour",
                    "train_s", "wall_s")
@@ -236,7 +239,7 @@ def run_one(dataset: DatasetSpec, model: ModelSpec, seed: int, steps: int | None
     """Train (unless finished), evaluate, write ``bench.json``; a finished run is read back instead."""
     from pretrain.checkpoint import latest_complete, step_of  # noqa: PLC0415
     from pretrain.config import load_run_config  # noqa: PLC0415
-    from pretrain.evaluate import evaluate, load_checkpoint  # noqa: PLC0415
+    from pretrain.evaluate import evaluate, load_checkpoint, probe_queries  # noqa: PLC0415
 
     overrides = run_overrides(dataset, model, shards, seed, steps)
     config = load_run_config(model.config, overrides)  # a bad override stops here, naming the key
@@ -259,6 +262,7 @@ def run_one(dataset: DatasetSpec, model: ModelSpec, seed: int, steps: int | None
     if model.zeroshot:
         zeroshot = evaluate(loaded, "zeroshot")
         record.update({k: v for k, v in zeroshot.items() if k.startswith(("top1", "top5"))})
+        record.update(probe_queries(loaded))
     if model.generation:
         record["l_ig"] = final_l_ig(run_dir / "metrics.jsonl")
         record.update(heldout_l_ig(loaded))
@@ -302,6 +306,14 @@ def print_tables(summary: dict[str, dict], runs: list[dict], judge_accuracy: dic
     for key, entry in summary.items():
         if any(c in entry for c in columns):
             print(f"{key:<18}" + "".join(f"{_spread(entry.get(c)):>28}" for c in columns))
+    probes = [m for m in PROBE_METRICS if any(m in e for e in summary.values())]
+    if probes:
+        print("\nlinear probe on the image queries, held-out accuracy (high probe, low zero-shot: the class"
+              " prompts miss what the image side holds)")
+        print(f"{'dataset/model':<18}" + "".join(f"{c:>28}" for c in probes))
+        for key, entry in summary.items():
+            if any(c in entry for c in probes):
+                print(f"{key:<18}" + "".join(f"{_spread(entry.get(c)):>28}" for c in probes))
     generating = {k: e for k, e in summary.items() if "pf_train_style" in e or "l_ig" in e}
     if generating:
         print("\ngeneration: final L_IG (training log), held-out L_IG on fixed draws (with captions / null context)"

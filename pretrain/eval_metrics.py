@@ -28,6 +28,21 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[s
             "mean_per_class_recall": mean_per_class_recall(scores, labels), "n": int(len(labels))}
 
 
+def linear_probe_accuracy(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
+                          test_labels: np.ndarray, regularization: float = 10.0) -> float:
+    """Held-out accuracy of a multinomial logistic regression fit on ``train_features`` (rows L2-normalised
+    first, as zero-shot scores them). Beside a zero-shot figure it says which side fails: a high probe with
+    a low zero-shot figure means the image features hold the answer and the class prompts miss it."""
+    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415 - only the probe needs it
+
+    def unit(rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.float64)
+        return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+    classifier = LogisticRegression(C=regularization, max_iter=2000).fit(unit(train_features), train_labels)
+    return float(classifier.score(unit(test_features), test_labels))
+
+
 def retrieval_metrics(similarity: torch.Tensor, owner: torch.Tensor | None = None) -> dict[str, float]:
     """Image→text and text→image recall@{1,5,10} for an (images, captions) similarity; caption j belongs
     to image ``owner[j]`` (default j: one caption per image). With several captions per image (COCO,

@@ -19,6 +19,7 @@ from data_pipeline.digits import TRAIN_TEMPLATES, caption_for, class_prompts, lo
 from pretrain.checkpoint import COMPLETE, is_complete, latest_complete, step_of
 from pretrain.config import RunConfig
 from pretrain.config_io import load_config
+from pretrain.eval_metrics import linear_probe_accuracy
 from pretrain.inference import class_queries, image_queries, retrieval, sample_images, topk_accuracy, zero_shot_classify
 from pretrain.model import ClipModel, DiffDisModel, load_pretrained
 from pretrain.model.tokenizer import load_tokenizer
@@ -120,6 +121,38 @@ def zero_shot_scenes(model, tokenizer, pixels: torch.Tensor, labels: torch.Tenso
         values = [v for name, v in metrics.items() if name.startswith(f"{k}_")]
         metrics[k] = sum(values) / len(values)
     return {**metrics, "n": len(labels)}
+
+
+def labelled_images(config: RunConfig, split: str, limit: int | None = None) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """Pixels in [-1, 1] and per-task class labels of the ``train`` or ``heldout`` split of
+    ``data.eval_set`` (digits: ``{"digit": ...}``; scenes: shape, colour and size), the first ``limit``."""
+    if config.data.resolved_eval_set() == "scenes":
+        count = config.data.scenes_heldout_samples if split == "heldout" else None
+        data = scenes.load_scenes_split(split, image_size=config.model.image_size,
+                                        num_samples=count if limit is None else limit, split_seed=config.data.split_seed)
+        images, labels = data.images, scenes.task_labels(data.labels)
+    else:
+        data = load_digits_split(split, image_size=config.model.image_size,
+                                 heldout_fraction=config.data.heldout_fraction, split_seed=config.data.split_seed)
+        images, labels = data.images[:limit], {"digit": np.asarray(data.labels[:limit])}
+    return collate_images([{"image": image} for image in images]), labels
+
+
+def probe_queries(loaded: LoadedCheckpoint, train_samples: int = 2080) -> dict[str, float]:
+    """``probe_{task}``: held-out accuracy of a linear probe on the image queries (ê_0, or a CLIP model's
+    image embeddings), fit on ``train_samples`` training images. Compared with ``top1_{task}`` it places a
+    zero-shot failure: low probe, the image side lacks the attribute (on scenes, for a held-out
+    combination); high probe, low zero-shot, the class prompts' queries miss the images' (text side)."""
+    config = loaded.config
+    queries = {}
+    labels = {}
+    for split, limit in (("train", train_samples), ("heldout", None)):
+        pixels, labels[split] = labelled_images(config, split, limit)
+        queries[split] = image_queries(loaded.model, pixels, config.diffusion, config.eval.ddim_steps,
+                                       config.eval.guidance, seed=config.eval.seed).float().cpu().numpy()
+    return {f"probe_{task}": linear_probe_accuracy(queries["train"], labels["train"][task], queries["heldout"],
+                                                   labels["heldout"][task])
+            for task in labels["heldout"]}
 
 
 def evaluate(loaded: LoadedCheckpoint, task: str, steps: int | None = None, guidance: float | None = None) -> dict:

@@ -14,7 +14,8 @@ from PIL import Image
 
 from pretrain.eval_data import fill_template, read_captioned_shards, read_clip_benchmark, read_image_folder
 from pretrain.eval_metrics import (
-    classification_metrics, frechet_distance, frechet_distance_spectral, mean_per_class_recall, retrieval_metrics,
+    classification_metrics, frechet_distance, frechet_distance_spectral, linear_probe_accuracy, mean_per_class_recall,
+    retrieval_metrics,
 )
 
 
@@ -66,6 +67,24 @@ def test_hand_built_scorer_gives_known_accuracy():
     assert metrics["mean_per_class_recall"] == pytest.approx(0.75)
     assert metrics["top5"] == 1.0
     assert mean_per_class_recall(scores, labels) != metrics["top1"]  # unbalanced: the two differ
+
+
+def test_linear_probe_reads_a_direction_that_norms_hide_and_not_noise():
+    """Class c lies along direction c with a random length: the probe normalises rows, so the lengths
+    cannot help or hurt, and it separates the classes on unseen rows; labels drawn apart from the
+    features leave it near chance (1/4)."""
+    rng = np.random.default_rng(0)
+    centres = np.eye(4, 16)
+
+    def draw(n):
+        labels = rng.integers(0, 4, n)
+        features = centres[labels] * rng.uniform(0.1, 10.0, (n, 1)) + 0.05 * rng.standard_normal((n, 16))
+        return features, labels
+
+    (train_x, train_y), (test_x, test_y) = draw(200), draw(200)
+    assert linear_probe_accuracy(train_x, train_y, test_x, test_y) == 1.0
+    noise_x = rng.standard_normal((400, 16))
+    assert linear_probe_accuracy(noise_x[:200], train_y, noise_x[200:], test_y) < 0.4
 
 
 def test_frechet_distance_zero_on_itself_and_growing_with_noise():
