@@ -49,6 +49,11 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement per rank (multi-node); no epochs
     precomputed: bool = False
     tokenizer_captions: int = 10000  # captions read from the shards to train the offline tokenizer
+    # Training captions only: each word token becomes the word tokenizer's <|unk|> with this probability
+    # (word dropout). Why: every prompt word the captions never used is one <|unk|>, which training
+    # otherwise never shows, so how the text encoder reads it is left to the seed (scenes, design notes
+    # "The class prompts' unknown words"). Needs model.text_encoder.tokenizer_kind=word; 0 disables.
+    caption_unk_rate: float = 0.0
 
     def validate(self) -> None:
         if self.source == "shards" and not self.shards:
@@ -61,6 +66,8 @@ class DataConfig:
         for name in ("scenes_train_samples", "scenes_heldout_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
+        if not 0.0 <= self.caption_unk_rate < 1.0:
+            raise ValueError(f"data.caption_unk_rate={self.caption_unk_rate} must be in [0, 1)")
 
     def resolved_eval_set(self) -> str:
         """``eval_set`` with ``auto`` resolved: scenes when training on scenes, else digits."""
@@ -140,6 +147,9 @@ class RunConfig:
 
     def validate(self) -> None:
         self.health.check_timesteps(self.diffusion.num_train_timesteps)
+        if self.data.caption_unk_rate and self.model.text_encoder.tokenizer_kind != "word":
+            raise ValueError(f"data.caption_unk_rate={self.data.caption_unk_rate} needs a word-level tokenizer "
+                             f"(model.text_encoder.tokenizer_kind=word), got {self.model.text_encoder.tokenizer_kind!r}")
 
 
 PRESET_GROUPS = ("deepspeed",)  # ``deepspeed=zero2`` stands for the contents of configs/deepspeed/zero2.yaml

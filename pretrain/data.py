@@ -44,10 +44,27 @@ def make_train_stream(config: RunConfig, rank: int, world_size: int) -> ImageTex
     )
 
 
-def make_batch(samples: Sequence[dict], tokenizer, config: RunConfig, runtime) -> dict[str, torch.Tensor]:
+def unknown_word_ids(tokens: dict[str, torch.Tensor], tokenizer, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """``input_ids`` with each word token (not BOS, EOS or padding) replaced by the tokenizer's unknown
+    token with probability ``rate``, drawn from ``generator`` (word dropout, ``data.caption_unk_rate``)."""
+    ids = tokens["input_ids"]
+    if tokenizer.unk_token_id is None:
+        raise ValueError("data.caption_unk_rate > 0 needs a tokenizer with an unknown token (tokenizer_kind=word)")
+    special = torch.tensor([i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                            if i is not None])
+    words = tokens["attention_mask"].bool() & ~torch.isin(ids, special)
+    drawn = torch.rand(ids.shape, generator=generator) < rate
+    return torch.where(words & drawn, torch.full_like(ids, tokenizer.unk_token_id), ids)
+
+
+def make_batch(samples: Sequence[dict], tokenizer, config: RunConfig, runtime,
+               caption_rng: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Token ids + ``pixels`` (Bx3xHxW in [-1, 1]) or, for feature shards, ``latents`` (the
-    precomputed autoencoder output), in bf16 when the run is."""
+    precomputed autoencoder output), in bf16 when the run is. With ``caption_rng`` (the trainer's) and
+    ``data.caption_unk_rate`` > 0, caption words are replaced by the unknown token (:func:`unknown_word_ids`)."""
     tokens = tokenize(tokenizer, [s["caption"] for s in samples], config.model.text_encoder.max_length)
+    if caption_rng is not None and config.data.caption_unk_rate > 0:
+        tokens["input_ids"] = unknown_word_ids(tokens, tokenizer, config.data.caption_unk_rate, caption_rng)
     if "latent" in samples[0]:
         images = torch.from_numpy(np.stack([s["latent"] for s in samples])).float()
         name = "latents"

@@ -141,6 +141,7 @@ class Trainer:
         self.preemption = PreemptionWatcher()
         self.preempted = False
         self.last_batch: dict[str, torch.Tensor] | None = None  # the newest micro batch, for health_metrics
+        self.caption_rng: torch.Generator | None = None  # set per optimizer step (optimizer_step)
         self.collapsed = False  # the last health verdict: warn once per collapse episode
 
     @property
@@ -153,7 +154,8 @@ class Trainer:
 
     # -- overridable pieces ------------------------------------------------------------------------
     def next_batch(self) -> dict[str, torch.Tensor]:
-        return make_batch([next(self.batches) for _ in range(self.micro_batch)], self.tokenizer, self.config, self.runtime)
+        return make_batch([next(self.batches) for _ in range(self.micro_batch)], self.tokenizer, self.config, self.runtime,
+                          caption_rng=self.caption_rng)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One micro batch: forward, backward, and ``engine.step`` (DeepSpeed steps the optimizer and
@@ -174,6 +176,9 @@ class Trainer:
             objective.set_progress(self.counter.step, self.config.train.steps)
         self.guard.drawn += 1
         self._step_fault, self._step_losses = None, []
+        # the caption augmentation's draws: from (seed, rank, step) alone, so a resumed run repeats them
+        step_seed = np.random.SeedSequence([self.config.train.seed, self.dist.rank, self.counter.step]).generate_state(1)
+        self.caption_rng = torch.Generator().manual_seed(int(step_seed[0]))
         for _ in range(self.config.train.grad_accum):
             started = time.perf_counter()
             batch = self.next_batch()
