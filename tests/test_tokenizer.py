@@ -168,3 +168,30 @@ def test_run_config_rejects_an_unknown_tokenizer_kind_by_field() -> None:
     assert load_run_config(CONFIGS_DIR / "demo.yaml").model.text_encoder.tokenizer_kind == "word"
     with pytest.raises(Exception, match="tokenizer_kind"):
         load_run_config(CONFIGS_DIR / "demo.yaml", ["model.text_encoder.tokenizer_kind=bytes"])
+
+
+def test_caption_unk_rate_replaces_words_at_that_rate_and_never_special_tokens(word_tokenizer) -> None:
+    from pretrain.data import unknown_word_ids  # noqa: PLC0415
+
+    tokens = tokenize(word_tokenizer, TRAIN_CAPTIONS * 20, MAX_LENGTH)
+    ids = tokens["input_ids"]
+    unk = word_tokenizer.unk_token_id
+    special = torch.isin(ids, torch.tensor(list(special_token_ids(word_tokenizer).values())))
+    words = tokens["attention_mask"].bool() & ~special
+    dropped = unknown_word_ids(tokens, word_tokenizer, 0.2, torch.Generator().manual_seed(0))
+    assert torch.equal(dropped[~words], ids[~words])  # BOS, EOS and padding untouched
+    changed = dropped != ids
+    assert torch.all(dropped[changed] == unk)
+    assert changed.sum() / words.sum() == pytest.approx(0.2, abs=0.02)  # ~7,000 word tokens
+    again = unknown_word_ids(tokens, word_tokenizer, 0.2, torch.Generator().manual_seed(0))
+    assert torch.equal(again, dropped)  # the generator alone decides
+
+
+def test_caption_unk_rate_needs_the_word_tokenizer_and_a_rate_below_one() -> None:
+    from pretrain.config import CONFIGS_DIR, load_run_config  # noqa: PLC0415
+
+    assert load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=0.1"]).data.caption_unk_rate == 0.1
+    with pytest.raises(Exception, match="caption_unk_rate.*tokenizer_kind=word"):
+        load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=0.1", "model.text_encoder.tokenizer_kind=bpe"])
+    with pytest.raises(Exception, match="caption_unk_rate"):
+        load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=1.0"])

@@ -83,8 +83,11 @@ def test_zero_shot_beats_chance_on_heldout_digits(trained):
     assert result["top1"] > 0.2, result  # chance is 0.1
 
 
-def test_resume_from_a_mid_run_checkpoint_matches_the_uninterrupted_run(tmp_path):
-    config = _config("train.steps=6", "train.batch_size=16", "train.checkpoint_every=3", "train.keep_last=0")
+@pytest.mark.parametrize("captions", [(), ("model.text_encoder.tokenizer_kind=word", "data.caption_unk_rate=0.3")],
+                         ids=["plain", "unk-words"])
+def test_resume_from_a_mid_run_checkpoint_matches_the_uninterrupted_run(tmp_path, captions):
+    """Also with the caption word dropout: its draws come from (seed, rank, step), so they repeat."""
+    config = _config("train.steps=6", "train.batch_size=16", "train.checkpoint_every=3", "train.keep_last=0", *captions)
     straight = tmp_path / "straight"
     Trainer(config, straight).train()
     resumed = tmp_path / "resumed"
@@ -93,6 +96,8 @@ def test_resume_from_a_mid_run_checkpoint_matches_the_uninterrupted_run(tmp_path
     trainer = Trainer(config, resumed, resume="auto")
     trainer.train()
     assert trainer.counter.step == 6
+    if captions:  # the trainer's batches do carry the unknown token (training captions never hold it)
+        assert (trainer.last_batch["input_ids"] == trainer.tokenizer.unk_token_id).any()
     assert _losses(resumed) == pytest.approx(_losses(straight)[3:], abs=1e-6)
     # the health diagnostics ran at every log step from their own generator: same numbers after resume
     health = {run: [{k: v for k, v in json.loads(line).items() if k.startswith("health/")}
