@@ -53,6 +53,7 @@ class DataConfig:
     # (word dropout). Why: every prompt word the captions never used is one <|unk|>, which training
     # otherwise never shows, so how the text encoder reads it is left to the seed (scenes, design notes
     # "The class prompts' unknown words"). Needs model.text_encoder.tokenizer_kind=word; 0 disables.
+    # Off in every shipped config: at 0.1 on scenes it closed that gap but cost generation (stop 24).
     caption_unk_rate: float = 0.0
 
     def validate(self) -> None:
