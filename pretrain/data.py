@@ -19,7 +19,7 @@ from data_pipeline.digits import TRAIN_TEMPLATES, caption_for
 from data_pipeline.loader import ShardStream
 from data_pipeline.wds_io import read_captions
 from pretrain.config import RunConfig
-from pretrain.model.tokenizer import load_tokenizer, tokenize, train_tokenizer
+from pretrain.model.tokenizer import load_tokenizer, special_token_ids, tokenize, train_tokenizer
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -50,8 +50,7 @@ def unknown_word_ids(tokens: dict[str, torch.Tensor], tokenizer, rate: float, ge
     ids = tokens["input_ids"]
     if tokenizer.unk_token_id is None:
         raise ValueError("data.caption_unk_rate > 0 needs a tokenizer with an unknown token (tokenizer_kind=word)")
-    special = torch.tensor([i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-                            if i is not None])
+    special = torch.tensor([i for i in special_token_ids(tokenizer).values() if i is not None])
     words = tokens["attention_mask"].bool() & ~torch.isin(ids, special)
     drawn = torch.rand(ids.shape, generator=generator) < rate
     return torch.where(words & drawn, torch.full_like(ids, tokenizer.unk_token_id), ids)
