@@ -77,14 +77,20 @@ class LossConfig:
     # and nothing else, so it cannot protect generation without starving alignment of shared features
     # (docs/design-notes.md). Not with ZeRO-3 or activation checkpointing (the trainer says so).
     align_grad_to_shared: float = 1.0
+    # How much of L_ITA's gradient reaches the text encoder's transformer through the text query e: 1
+    # (default) = all of it, 0 = none (the projection from the pooled EOS state to e still learns from
+    # L_ITA; the transformer learns from L_IG alone, when text_grad_from_generation is on). With
+    # align_grad_to_shared = 0 as well, nothing generation uses learns from L_ITA.
+    align_grad_to_text: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("align_weight", "align_weight_final"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"loss.{name}={value} must be >= 0")
-        if not 0.0 <= self.align_grad_to_shared <= 1.0:
-            raise ValueError(f"loss.align_grad_to_shared={self.align_grad_to_shared} must lie in [0, 1]")
+        for name in ("align_grad_to_shared", "align_grad_to_text"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"loss.{name}={getattr(self, name)} must lie in [0, 1]")
         if self.text_grad_from_generation_start < 0:
             raise ValueError(f"loss.text_grad_from_generation_start={self.text_grad_from_generation_start} must be >= 0")
 
@@ -280,7 +286,7 @@ class DiffDisObjective(nn.Module):
             if pixels is None:
                 raise ValueError("the batch has neither 'pixels' nor 'latents'")
             latents = self.model.encode_images(pixels)
-        text = self.model.encode_text(input_ids, attention_mask)
+        text = self.model.encode_text(input_ids, attention_mask, self.loss_config.align_grad_to_text)
         zero = latents.new_zeros(())
         loss_gen = loss_align = zero
         if self.has_generation:

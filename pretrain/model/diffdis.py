@@ -71,8 +71,10 @@ class DiffDisModel(SafetensorsFolderMixin, nn.Module):
         """Latents → pixels in [-1, 1] (the frozen decoder D)."""
         return self.autoencoder.decode(latents).clamp(-1, 1)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TextFeatures:
-        return self.text_encoder(input_ids, attention_mask)
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, query_grad_to_encoder: float = 1.0
+    ) -> TextFeatures:
+        return self.text_encoder(input_ids, attention_mask, query_grad_to_encoder)
 
     def forward(self, *args, **kwargs) -> UNetOutput:
         """Φ_θ: see :meth:`DualStreamUNet.forward`."""

@@ -69,6 +69,16 @@ class TextEncoder(nn.Module):
     def query_dim(self) -> int:
         return self.model.config.projection_dim
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TextFeatures:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return TextFeatures(condition=out.last_hidden_state, query=F.normalize(out.text_embeds, dim=-1))
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, query_grad_to_encoder: float = 1.0
+    ) -> TextFeatures:
+        """c and e for a batch of token ids. ``query_grad_to_encoder`` scales the gradient that reaches the
+        transformer through e (0: none, so only the projection to e learns from a loss on e); the value of
+        e and everything that reaches the transformer through c are unchanged."""
+        out = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        pooled = out.pooler_output  # the EOS state, as CLIPTextModelWithProjection pools it
+        if query_grad_to_encoder != 1.0:
+            frozen = pooled.detach()
+            pooled = frozen if query_grad_to_encoder == 0.0 else frozen + query_grad_to_encoder * (pooled - frozen)
+        query = self.model.text_projection(pooled)
+        return TextFeatures(condition=out.last_hidden_state, query=F.normalize(query, dim=-1))
