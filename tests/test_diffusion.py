@@ -158,6 +158,36 @@ def test_align_grad_to_shared_scales_only_the_shared_stream_gradient(make_model,
                                    rtol=1e-4, atol=1e-8)
 
 
+def _text_encoder_grads(objective, encode) -> dict[str, torch.Tensor]:
+    """Gradients of the objective's loss on every text-encoder parameter, for one fixed draw."""
+    objective.zero_grad(set_to_none=True)
+    tokens = encode(["a handwritten 7", "a handwritten 3", "digit 5 (five)", "a scan of a handwritten one"])
+    torch.manual_seed(0)
+    objective(**tokens, pixels=_pixels())["loss"].backward()
+    return {n: p.grad.clone() for n, p in objective.model.text_encoder.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.25])
+def test_align_grad_to_text_scales_only_the_transformer_gradient_of_the_query(make_model, encode, scale):
+    """dis-only, so the loss is L_ITA alone: the projection to e learns exactly as before, every
+    transformer weight by ``scale`` times its gradient (0: not at all)."""
+    full = _text_encoder_grads(_objective(make_model(generation=False)), encode)
+    scaled = _text_encoder_grads(_objective(make_model(generation=False), align_grad_to_text=scale), encode)
+    projection = [n for n in full if n.startswith("model.text_projection")]
+    transformer = [n for n in full if n.startswith("model.text_model")]
+    assert projection and len(transformer) > 10 and sum(full[n].norm() for n in transformer) > 1e-3
+    for name in projection:
+        torch.testing.assert_close(scaled[name], full[name], rtol=1e-5, atol=1e-8)
+    for name in transformer:
+        torch.testing.assert_close(scaled.get(name, torch.zeros_like(full[name])), scale * full[name],
+                                   rtol=1e-4, atol=1e-7)
+    # with generation, L_IG still trains the transformer through c when L_ITA's share is closed
+    closed = _text_encoder_grads(_objective(make_model(), align_grad_to_text=0.0, text_grad_from_generation=True), encode)
+    assert sum(closed[n].norm() for n in transformer) > 1e-3
+    with pytest.raises(ValueError, match="loss.align_grad_to_text"):
+        LossConfig(align_grad_to_text=-0.1)
+
+
 def test_alignment_adapter_starts_as_identity_and_stays_out_of_generation(make_model, encode):
     plain = make_model()
     adapted = make_model(unet=replace(plain.config.unet, align_adapter_dim=8))
