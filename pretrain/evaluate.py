@@ -78,25 +78,30 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_em
     return LoadedCheckpoint(model, tokenizer, load_config(RunConfig, config_file), step_of(directory), directory)
 
 
+def _split(config: RunConfig, split: str, limit: int | None = None) -> tuple[list, np.ndarray]:
+    """Images and raw labels of the ``train`` or ``heldout`` split of ``data.eval_set``, the first ``limit``
+    (scenes labels are packed attributes, ``data_pipeline.scenes.decode_label``; the held-out scenes
+    split is ``data.scenes_heldout_samples`` long unless ``limit`` says otherwise)."""
+    if config.data.resolved_eval_set() == "scenes":
+        count = config.data.scenes_heldout_samples if split == "heldout" else None
+        data = scenes.load_scenes_split(split, image_size=config.model.image_size,
+                                        num_samples=count if limit is None else limit, split_seed=config.data.split_seed)
+        return data.images, np.asarray(data.labels)
+    data = load_digits_split(split, image_size=config.model.image_size,
+                             heldout_fraction=config.data.heldout_fraction, split_seed=config.data.split_seed)
+    return data.images[:limit], np.asarray(data.labels[:limit])
+
+
 def heldout_data(config: RunConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Held-out images (pixels in [-1, 1]), labels, and one deterministic caption per image, from the
     run's ``data.eval_set``: held-out digits (labels are digits), or the scenes held-out split (labels
     are packed attributes, ``data_pipeline.scenes.decode_label``; only held-out triples)."""
+    images, labels = _split(config, "heldout")
     if config.data.resolved_eval_set() == "scenes":
-        data = scenes.load_scenes_split(
-            "heldout", image_size=config.model.image_size, num_samples=config.data.scenes_heldout_samples,
-            split_seed=config.data.split_seed,
-        )
-        pixels = collate_images([{"image": image} for image in data.images])
-        captions = [scenes.retrieval_caption(int(label), i) for i, label in enumerate(data.labels)]
-        return pixels, torch.tensor(data.labels), captions  # a copy: the cached split is read-only
-    split = load_digits_split(
-        "heldout", image_size=config.model.image_size, heldout_fraction=config.data.heldout_fraction,
-        split_seed=config.data.split_seed,
-    )
-    pixels = collate_images([{"image": image} for image in split.images])
-    captions = [caption_for(int(label), i % len(TRAIN_TEMPLATES)) for i, label in enumerate(split.labels)]
-    return pixels, torch.as_tensor(split.labels), captions
+        captions = [scenes.retrieval_caption(int(label), i) for i, label in enumerate(labels)]
+    else:
+        captions = [caption_for(int(label), i % len(TRAIN_TEMPLATES)) for i, label in enumerate(labels)]
+    return collate_images([{"image": image} for image in images]), torch.tensor(labels), captions
 
 
 @torch.no_grad()
@@ -126,16 +131,9 @@ def zero_shot_scenes(model, tokenizer, pixels: torch.Tensor, labels: torch.Tenso
 def labelled_images(config: RunConfig, split: str, limit: int | None = None) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
     """Pixels in [-1, 1] and per-task class labels of the ``train`` or ``heldout`` split of
     ``data.eval_set`` (digits: ``{"digit": ...}``; scenes: shape, colour and size), the first ``limit``."""
-    if config.data.resolved_eval_set() == "scenes":
-        count = config.data.scenes_heldout_samples if split == "heldout" else None
-        data = scenes.load_scenes_split(split, image_size=config.model.image_size,
-                                        num_samples=count if limit is None else limit, split_seed=config.data.split_seed)
-        images, labels = data.images, scenes.task_labels(data.labels)
-    else:
-        data = load_digits_split(split, image_size=config.model.image_size,
-                                 heldout_fraction=config.data.heldout_fraction, split_seed=config.data.split_seed)
-        images, labels = data.images[:limit], {"digit": np.asarray(data.labels[:limit])}
-    return collate_images([{"image": image} for image in images]), labels
+    images, labels = _split(config, split, limit)
+    by_task = scenes.task_labels(labels) if config.data.resolved_eval_set() == "scenes" else {"digit": labels}
+    return collate_images([{"image": image} for image in images]), by_task
 
 
 def probe_queries(loaded: LoadedCheckpoint, train_samples: int = 2080) -> dict[str, float]:

@@ -176,9 +176,10 @@ class Trainer:
             objective.set_progress(self.counter.step, self.config.train.steps)
         self.guard.drawn += 1
         self._step_fault, self._step_losses = None, []
-        # the caption augmentation's draws: from (seed, rank, step) alone, so a resumed run repeats them
-        step_seed = np.random.SeedSequence([self.config.train.seed, self.dist.rank, self.counter.step]).generate_state(1)
-        self.caption_rng = torch.Generator().manual_seed(int(step_seed[0]))
+        if self.config.data.caption_unk_rate > 0:
+            # the caption augmentation's draws: from (seed, rank, step) alone, so a resumed run repeats them
+            step_seed = np.random.SeedSequence([self.config.train.seed, self.dist.rank, self.counter.step]).generate_state(1)
+            self.caption_rng = torch.Generator().manual_seed(int(step_seed[0]))
         for _ in range(self.config.train.grad_accum):
             started = time.perf_counter()
             batch = self.next_batch()
