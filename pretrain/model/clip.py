@@ -53,7 +53,7 @@ class ClipModel(SafetensorsFolderMixin, nn.Module):
         self.config = config
         self.tokens = tokens
         if text_hf_config is not None:
-            self.text_encoder = TextEncoder(text_hf_config)
+            self.text_encoder = TextEncoder(text_hf_config, config.text_encoder.query_head_layers)
         else:
             self.text_encoder = TextEncoder.build(config.text_encoder, tokens)
         self.text_encoder.requires_grad_(config.text_encoder.trainable)

@@ -45,10 +45,17 @@ class TextEncoderConfig:
     # built-in digits and scenes, where BPE spells unseen prompt words out in untrained byte pieces).
     tokenizer_kind: str = "bpe"
     trainable: bool = True
+    # Causal transformer layers of the text query's own (0: e is the projected EOS state of the shared
+    # encoder, METHOD). With N > 0, e is read by N more layers over the encoder's token states, which
+    # only a loss on e trains: with loss.align_grad_to_text < 1 they give the alignment task text-side
+    # capacity of its own, as model.unet.align_adapter_dim does on the image side.
+    query_head_layers: int = 0
 
     def validate(self) -> None:
         if self.tokenizer_kind not in ("bpe", "word"):
             raise ValueError(f"model.text_encoder.tokenizer_kind={self.tokenizer_kind!r}: expected bpe or word")
+        if self.query_head_layers < 0:
+            raise ValueError(f"model.text_encoder.query_head_layers={self.query_head_layers} must be >= 0")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
 
@@ -114,6 +121,8 @@ class ClipVisionConfig:
     patch_size: int = 2
 
     def validate(self) -> None:
+        if self.query_head_layers < 0:
+            raise ValueError(f"model.text_encoder.query_head_layers={self.query_head_layers} must be >= 0")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.clip.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size"):

@@ -36,7 +36,7 @@ class DiffDisModel(SafetensorsFolderMixin, nn.Module):
         self.tokens = tokens
         self.autoencoder = build_autoencoder(config.autoencoder, config.image_channels, vae_config)
         if text_hf_config is not None:
-            self.text_encoder = TextEncoder(text_hf_config)
+            self.text_encoder = TextEncoder(text_hf_config, config.text_encoder.query_head_layers)
         else:
             self.text_encoder = TextEncoder.build(config.text_encoder, tokens)
         self.text_encoder.requires_grad_(config.text_encoder.trainable)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+from transformers.masking_utils import create_causal_mask
+from transformers.models.clip.modeling_clip import CLIPEncoder
 
 from pretrain.model.config import TextEncoderConfig
 
@@ -44,22 +46,38 @@ def clip_text_config(config: TextEncoderConfig, tokens: TokenizerSpec) -> CLIPTe
     )
 
 
+def eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Where CLIPTextTransformer pools: the first EOS of each row (the highest id for legacy id 2)."""
+    ids = input_ids.to(torch.int)
+    return ids.argmax(dim=-1) if eos_token_id == 2 else (ids == eos_token_id).int().argmax(dim=-1)
+
+
 class TextEncoder(nn.Module):
-    def __init__(self, hf_config: CLIPTextConfig):
+    def __init__(self, hf_config: CLIPTextConfig, query_head_layers: int = 0):
         super().__init__()
         hf_config._attn_implementation = "sdpa"
         self.model = CLIPTextModelWithProjection(hf_config)
+        # the query's own causal transformer layers over the token states, then its own final norm
+        # (TextEncoderConfig.query_head_layers): capacity that only the alignment task trains
+        self.query_head: CLIPEncoder | None = None
+        if query_head_layers:
+            head_config = CLIPTextConfig.from_dict({**hf_config.to_dict(), "num_hidden_layers": query_head_layers})
+            head_config._attn_implementation = "sdpa"
+            self.query_head = CLIPEncoder(head_config)
+            self.query_head_norm = nn.LayerNorm(hf_config.hidden_size, eps=hf_config.layer_norm_eps)
+            self.query_head.apply(self.model._init_weights)
 
     @classmethod
     def build(cls, config: TextEncoderConfig, tokens: TokenizerSpec) -> TextEncoder:
         """Random init from the config, or the weights at ``config.pretrained_path`` (local only)."""
         if config.pretrained_path:
-            encoder = cls(CLIPTextConfig.from_pretrained(config.pretrained_path, local_files_only=True))
+            encoder = cls(CLIPTextConfig.from_pretrained(config.pretrained_path, local_files_only=True),
+                          config.query_head_layers)
             encoder.model = CLIPTextModelWithProjection.from_pretrained(
                 config.pretrained_path, local_files_only=True, use_safetensors=True
             )
             return encoder
-        return cls(clip_text_config(config, tokens))
+        return cls(clip_text_config(config, tokens), config.query_head_layers)
 
     @property
     def hidden_size(self) -> int:
@@ -76,9 +94,23 @@ class TextEncoder(nn.Module):
         transformer through e (0: none, so only the projection to e learns from a loss on e); the value of
         e and everything that reaches the transformer through c are unchanged."""
         out = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask)
-        pooled = out.pooler_output  # the EOS state, as CLIPTextModelWithProjection pools it
-        if query_grad_to_encoder != 1.0:
-            frozen = pooled.detach()
-            pooled = frozen if query_grad_to_encoder == 0.0 else frozen + query_grad_to_encoder * (pooled - frozen)
+        if self.query_head is None:
+            pooled = _scale_grad(out.pooler_output, query_grad_to_encoder)  # the EOS state, as CLIP pools it
+        else:
+            states = _scale_grad(out.last_hidden_state, query_grad_to_encoder)
+            mask = create_causal_mask(config=self.query_head.config, inputs_embeds=states, attention_mask=attention_mask,
+                                      cache=None)
+            states = self.query_head_norm(self.query_head(inputs_embeds=states, attention_mask=mask, is_causal=True)
+                                          .last_hidden_state)
+            rows = torch.arange(states.shape[0], device=states.device)
+            pooled = states[rows, eos_positions(input_ids, self.model.config.eos_token_id).to(states.device)]
         query = self.model.text_projection(pooled)
         return TextFeatures(condition=out.last_hidden_state, query=F.normalize(query, dim=-1))
+
+
+def _scale_grad(tensor: torch.Tensor, scale: float) -> torch.Tensor:
+    """``tensor``'s value with ``scale`` times its gradient (0: detached)."""
+    if scale == 1.0:
+        return tensor
+    frozen = tensor.detach()
+    return frozen if scale == 0.0 else frozen + scale * (tensor - frozen)
