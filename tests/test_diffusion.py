@@ -188,6 +188,17 @@ def test_align_grad_to_text_scales_only_the_transformer_gradient_of_the_query(ma
         LossConfig(align_grad_to_text=-0.1)
 
 
+def test_query_head_learns_from_l_ita_where_the_transformer_does_not(make_model, encode):
+    """With model.text_encoder.query_head_layers and align_grad_to_text 0, L_ITA trains the query's own
+    layers and projection, and no weight the caption condition c comes from."""
+    plain = make_model(generation=False)
+    headed = make_model(generation=False, text_encoder=replace(plain.config.text_encoder, query_head_layers=1))
+    grads = _text_encoder_grads(_objective(headed, align_grad_to_text=0.0), encode)
+    assert not any(n.startswith("model.text_model") for n in grads)
+    for prefix in ("query_head.", "query_head_norm.", "model.text_projection."):
+        assert sum(g.norm() for n, g in grads.items() if n.startswith(prefix)) > 1e-4, prefix
+
+
 def test_alignment_adapter_starts_as_identity_and_stays_out_of_generation(make_model, encode):
     plain = make_model()
     adapted = make_model(unet=replace(plain.config.unet, align_adapter_dim=8))

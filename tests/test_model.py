@@ -110,6 +110,31 @@ def test_save_and_load_round_trip_gives_identical_outputs(make_model, encode, tm
     assert loaded.config == model.config and loaded.tokens == model.tokens
 
 
+def test_query_head_reads_the_token_states_and_round_trips(make_model, encode, tmp_path):
+    """model.text_encoder.query_head_layers: e comes from the head's own layers, c does not change, and
+    the head's weights survive save/load. Padding after EOS must not reach e (causal, EOS-pooled)."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    plain = make_model(seed=3)
+    headed = make_model(seed=3, text_encoder=replace(plain.config.text_encoder, query_head_layers=1))
+    assert plain.text_encoder.query_head is None and len(headed.text_encoder.query_head.layers) == 1
+    tokens = encode(["the number five, written by hand", "a handwritten 1"])
+    with torch.no_grad():
+        a, b = plain.encode_text(**tokens), headed.encode_text(**tokens)
+        torch.testing.assert_close(b.condition, a.condition, rtol=0, atol=0)  # the shared encoder is the same
+        assert (b.query - a.query).abs().max() > 1e-3
+        length = int(tokens["attention_mask"].sum(-1).max())
+        assert length < tokens["input_ids"].shape[1]
+        shorter = {k: v[:, :length] for k, v in tokens.items()}  # the same captions with less padding
+        torch.testing.assert_close(headed.encode_text(**shorter).query, b.query, rtol=1e-5, atol=1e-6)
+    headed.save_pretrained(tmp_path / "m")
+    loaded = DiffDisModel.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_text(**tokens).query, b.query, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="query_head_layers"):
+        replace(plain.config.text_encoder, query_head_layers=-1).validate()
+
+
 def test_from_pretrained_names_the_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         DiffDisModel.from_pretrained(tmp_path)
