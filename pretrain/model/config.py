@@ -121,8 +121,6 @@ class ClipVisionConfig:
     patch_size: int = 2
 
     def validate(self) -> None:
-        if self.query_head_layers < 0:
-            raise ValueError(f"model.text_encoder.query_head_layers={self.query_head_layers} must be >= 0")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.clip.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size"):
