@@ -98,7 +98,10 @@ start() {
     chown munge:munge /run/munge
     [ -f /etc/munge/munge.key ] || { log "no /etc/munge/munge.key (the munge package creates it)"; exit 1; }
     pid_alive /run/munge/munged.pid || runuser -u munge -- /usr/sbin/munged
-    pid_alive /run/slurmctld.pid || /usr/sbin/slurmctld
+    # -c: a controller this script starts begins with no jobs. Jobs saved by an earlier controller
+    # (a run killed mid-test) would otherwise come back "RUNNING" with their processes long gone,
+    # hold the node's CPUs, and leave every new job pending on Resources.
+    pid_alive /run/slurmctld.pid || /usr/sbin/slurmctld -c
     pid_alive /run/slurmd.pid || /usr/sbin/slurmd
     touch "$state_file"
     # a node left DOWN by an earlier unclean stop comes back here
