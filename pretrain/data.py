@@ -60,10 +60,13 @@ def make_batch(samples: Sequence[dict], tokenizer, config: RunConfig, runtime,
                caption_rng: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Token ids + ``pixels`` (Bx3xHxW in [-1, 1]) or, for feature shards, ``latents`` (the
     precomputed autoencoder output), in bf16 when the run is. With ``caption_rng`` (the trainer's) and
-    ``data.caption_unk_rate`` > 0, caption words are replaced by the unknown token (:func:`unknown_word_ids`)."""
+    ``data.caption_unk_rate`` > 0, caption words are replaced by the unknown token (:func:`unknown_word_ids`):
+    in ``input_ids``, or with ``data.caption_unk_alignment_only`` in a separate ``align_input_ids`` that
+    only the alignment pass reads (same attention mask: a dropped word keeps its position)."""
     tokens = tokenize(tokenizer, [s["caption"] for s in samples], config.model.text_encoder.max_length)
     if caption_rng is not None and config.data.caption_unk_rate > 0:
-        tokens["input_ids"] = unknown_word_ids(tokens, tokenizer, config.data.caption_unk_rate, caption_rng)
+        dropped = unknown_word_ids(tokens, tokenizer, config.data.caption_unk_rate, caption_rng)
+        tokens["align_input_ids" if config.data.caption_unk_alignment_only else "input_ids"] = dropped
     if "latent" in samples[0]:
         images = torch.from_numpy(np.stack([s["latent"] for s in samples])).float()
         name = "latents"

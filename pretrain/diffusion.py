@@ -280,21 +280,27 @@ class DiffDisObjective(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixels: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
+        align_input_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Both passes on the same pairs (not alternating tasks). Give ``pixels`` or precomputed ``latents``."""
+        """Both passes on the same pairs (not alternating tasks). Give ``pixels`` or precomputed ``latents``.
+        ``align_input_ids`` (alignment-only word dropout, ``data.caption_unk_alignment_only``): the captions
+        whose query e the alignment pass noises and scores; the generation pass reads ``input_ids``."""
         if latents is None:
             if pixels is None:
                 raise ValueError("the batch has neither 'pixels' nor 'latents'")
             latents = self.model.encode_images(pixels)
         text = self.model.encode_text(input_ids, attention_mask, self.loss_config.align_grad_to_text)
+        align_text = text
+        if align_input_ids is not None and self.has_alignment:
+            align_text = self.model.encode_text(align_input_ids, attention_mask, self.loss_config.align_grad_to_text)
         zero = latents.new_zeros(())
         loss_gen = loss_align = zero
         if self.has_generation:
             prediction, noise = self.generation_pass(latents, text)
             loss_gen = F.mse_loss(prediction.float(), noise.float())  # L_IG
         if self.has_alignment:
-            prediction = self.alignment_pass(latents, text)
-            loss_align = symmetric_info_nce(prediction, text.query, self.temperature(), self.rank, self.world_size,
+            prediction = self.alignment_pass(latents, align_text)
+            loss_align = symmetric_info_nce(prediction, align_text.query, self.temperature(), self.rank, self.world_size,
                                             self.fused_infonce)
         loss = loss_gen + self.align_weight * loss_align
         losses = {"loss": loss, "loss_gen": loss_gen.detach(), "loss_align": loss_align.detach(),

@@ -36,13 +36,16 @@ class ClipObjective(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixels: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
+        align_input_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """``align_input_ids`` (word-dropped captions, ``data.caption_unk_alignment_only``) replace
+        ``input_ids``: CLIP's one pass is its alignment pass."""
         if pixels is None:
             raise ValueError("model.family=clip trains on pixels: the batch has precomputed latents "
                              "(set data.precomputed=false and give pixel shards)" if latents is not None
                              else "the batch has no 'pixels'")
         images = self.model.embed_images(pixels)
-        texts = self.model.encode_text(input_ids, attention_mask).query
+        texts = self.model.encode_text(input_ids if align_input_ids is None else align_input_ids, attention_mask).query
         scale = self.temperature()
         loss = symmetric_info_nce(images, texts, scale, self.rank, self.world_size, self.fused_infonce)
         return {"loss": loss, "loss_gen": loss.new_zeros(()), "loss_align": loss.detach(), "logit_scale": scale.detach()}

@@ -318,3 +318,22 @@ def test_the_trainer_sets_the_scheduled_align_weight_each_step_and_the_loss_uses
     assert [r["align_weight"] for r in records] == pytest.approx(expected, abs=1e-6)
     for record in records:
         assert record["loss"] == pytest.approx(record["loss_gen"] + record["align_weight"] * record["loss_align"], rel=1e-5)
+
+
+def test_alignment_only_captions_reach_l_ita_and_leave_l_ig_unchanged(make_model, encode):
+    """``align_input_ids`` (alignment-only word dropout) change what L_ITA scores and nothing of L_IG:
+    the generation pass reads ``input_ids`` whatever the alignment pass reads."""
+    objective = _objective(make_model())
+    tokens = encode(["a handwritten 7", "a handwritten 3", "digit 5 (five)", "a scan of a handwritten one"])
+    dropped = tokens["input_ids"].clone()
+    dropped[:, 1] = dropped[0, 2]  # every caption's first word replaced by one token
+
+    def losses(**extra):
+        torch.manual_seed(0)
+        return objective(**tokens, pixels=_pixels(), **extra)
+
+    plain, same, other = losses(), losses(align_input_ids=tokens["input_ids"]), losses(align_input_ids=dropped)
+    for key in ("loss_gen", "loss_align"):
+        torch.testing.assert_close(same[key], plain[key])
+    torch.testing.assert_close(other["loss_gen"], plain["loss_gen"])
+    assert abs(float(other["loss_align"] - plain["loss_align"])) > 1e-4

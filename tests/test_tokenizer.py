@@ -195,3 +195,28 @@ def test_caption_unk_rate_needs_the_word_tokenizer_and_a_rate_below_one() -> Non
         load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=0.1", "model.text_encoder.tokenizer_kind=bpe"])
     with pytest.raises(Exception, match="caption_unk_rate"):
         load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=1.0"])
+
+
+def test_alignment_only_word_dropout_keeps_the_generation_captions_clean(word_tokenizer) -> None:
+    """With ``data.caption_unk_alignment_only`` the batch carries the clean ``input_ids`` and, beside
+    them, ``align_input_ids`` with the same draw of dropped words the plain option would have made."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    from pretrain.config import CONFIGS_DIR, load_run_config  # noqa: PLC0415
+    from pretrain.data import make_batch  # noqa: PLC0415
+
+    samples = [{"caption": c, "image": np.zeros((8, 8, 3), np.uint8)} for c in TRAIN_CAPTIONS * 4]
+    runtime = SimpleNamespace(bf16=False)
+    both = load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=0.3"])
+    split = load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=0.3", "data.caption_unk_alignment_only=true"])
+    clean = tokenize(word_tokenizer, [s["caption"] for s in samples], both.model.text_encoder.max_length)["input_ids"]
+    dropped_everywhere = make_batch(samples, word_tokenizer, both, runtime, torch.Generator().manual_seed(3))
+    dropped_for_alignment = make_batch(samples, word_tokenizer, split, runtime, torch.Generator().manual_seed(3))
+    assert "align_input_ids" not in dropped_everywhere
+    assert torch.equal(dropped_for_alignment["input_ids"], clean)
+    assert torch.equal(dropped_for_alignment["align_input_ids"], dropped_everywhere["input_ids"])
+    assert (dropped_for_alignment["align_input_ids"] == word_tokenizer.unk_token_id).sum() > 10
+    with pytest.raises(Exception, match="caption_unk_alignment_only.*caption_unk_rate=0"):
+        load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_alignment_only=true"])
