@@ -72,7 +72,7 @@ def seed_everything(seed: int) -> None:
 
 def tokenizer_spec(tokenizer) -> TokenizerSpec:
     ids = special_token_ids(tokenizer)
-    return TokenizerSpec(len(tokenizer), ids["bos"], ids["eos"], ids["pad"])
+    return TokenizerSpec(len(tokenizer), ids["bos"], ids["eos"], ids["pad"], tokenizer.unk_token_id)
 
 
 def checkpoint_source(resume: str | None, store: CheckpointStore) -> tuple[CheckpointStore, str] | None:

@@ -169,3 +169,46 @@ def test_every_eval_prompt_fits_the_text_length(config_name):
         for prompt in prompts:
             length = len(tokenizer(prompt)["input_ids"])
             assert length <= text.max_length, f"{config_name}: '{prompt}' is {length} tokens > {text.max_length}"
+
+
+def test_unknown_word_embedding_starts_at_zero_and_stays_there(tiny_config, tmp_path):
+    """model.text_encoder.zero_init_unknown_token: the word tokenizer's <|unk|> row starts at zero (random
+    with the switch off), training on captions without it leaves it at zero under AdamW's weight decay, and
+    a saved model keeps the unknown token's id."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    from pretrain.data import training_captions  # noqa: PLC0415
+    from pretrain.model.tokenizer import tokenize, train_tokenizer  # noqa: PLC0415
+    from pretrain.trainer import tokenizer_spec  # noqa: PLC0415
+
+    text = replace(tiny_config.model.text_encoder, tokenizer_kind="word")
+    word_tokenizer = train_tokenizer(training_captions(tiny_config), vocab_size=text.tokenizer_vocab_size,
+                                     max_length=text.max_length, kind="word")
+    spec = tokenizer_spec(word_tokenizer)
+    unk = spec.unk_token_id
+    assert unk is not None and unk == word_tokenizer.unk_token_id
+
+    def embedding_table(model: DiffDisModel) -> torch.Tensor:
+        return model.text_encoder.model.text_model.embeddings.token_embedding.weight
+
+    torch.manual_seed(0)
+    model = DiffDisModel(replace(tiny_config.model, text_encoder=text), spec)
+    torch.manual_seed(0)
+    random_unk = DiffDisModel(replace(tiny_config.model, text_encoder=replace(text, zero_init_unknown_token=False)), spec)
+    assert embedding_table(model)[unk].abs().max() == 0
+    assert embedding_table(random_unk)[unk].norm() > 0.05  # the init's scale (std 0.02 over 64 dims)
+    others = [i for i in range(spec.vocab_size) if i != unk]
+    torch.testing.assert_close(embedding_table(model)[others], embedding_table(random_unk)[others], rtol=0, atol=0)
+
+    optimizer = torch.optim.AdamW(model.text_encoder.parameters(), lr=1e-2, weight_decay=0.1)
+    tokens = tokenize(word_tokenizer, training_captions(tiny_config)[:16], text.max_length)
+    assert not (tokens["input_ids"] == unk).any()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model.encode_text(**tokens).query.pow(3).sum().backward()
+        optimizer.step()
+    assert embedding_table(model)[unk].abs().max() == 0
+    assert (embedding_table(model)[others] - embedding_table(random_unk)[others]).abs().max() > 1e-3  # it trained
+
+    model.save_pretrained(tmp_path / "m")
+    assert DiffDisModel.from_pretrained(tmp_path / "m").tokens.unk_token_id == unk

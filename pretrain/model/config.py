@@ -50,6 +50,10 @@ class TextEncoderConfig:
     # only a loss on e trains: with loss.align_grad_to_text < 1 they give the alignment task text-side
     # capacity of its own, as model.unet.align_adapter_dim does on the image side.
     query_head_layers: int = 0
+    # Zero-initialise the embedding of the word tokenizer's <|unk|> (no-op for BPE or pretrained weights).
+    # No training caption holds <|unk|>, so its row never learns; left at its random init it adds one
+    # seed-dependent vector per unseen word of a zero-shot prompt, which the encoder reads as content.
+    zero_init_unknown_token: bool = True
 
     def validate(self) -> None:
         if self.tokenizer_kind not in ("bpe", "word"):

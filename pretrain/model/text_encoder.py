@@ -22,6 +22,9 @@ class TokenizerSpec:
     bos_token_id: int
     eos_token_id: int
     pad_token_id: int
+    # the word-level tokenizer's <|unk|> (None for byte-level BPE, which has none); its embedding row is
+    # zero-initialised when TextEncoderConfig.zero_init_unknown_token says so
+    unk_token_id: int | None = None
 
 
 @dataclass
@@ -77,7 +80,18 @@ class TextEncoder(nn.Module):
                 config.pretrained_path, local_files_only=True, use_safetensors=True
             )
             return encoder
-        return cls(clip_text_config(config, tokens), config.query_head_layers)
+        encoder = cls(clip_text_config(config, tokens), config.query_head_layers)
+        if config.zero_init_unknown_token and tokens.unk_token_id is not None:
+            encoder.zero_token_embedding(tokens.unk_token_id)
+        return encoder
+
+    @torch.no_grad()
+    def zero_token_embedding(self, token_id: int) -> None:
+        """Set one row of the token embedding table to zero: the token then enters the encoder as its
+        position embedding alone. For ``<|unk|>``, which no training caption holds (unless word dropout
+        puts it there), the row gets no gradient and keeps its init, so a random init would be a
+        seed-dependent vector added to every unseen prompt word (design notes, point 10)."""
+        self.model.text_model.embeddings.token_embedding.weight[token_id].zero_()
 
     @property
     def hidden_size(self) -> int:
