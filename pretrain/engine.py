@@ -46,12 +46,15 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(module: nn.Module, weight_decay: float, temperature_lr: float | None = None) -> list[dict]:
+def param_groups(module: nn.Module, weight_decay: float, temperature_lr: float | None = None,
+                 text_encoder_weight_decay: float | None = None) -> list[dict]:
     """Decay matrices and convolution kernels; not biases, norms, embeddings' tables or scalars.
-    With ``temperature_lr`` the InfoNCE temperature gets its own group at that LR."""
+    With ``temperature_lr`` the InfoNCE temperature gets its own group at that LR. With
+    ``text_encoder_weight_decay`` the text encoder's decayed weights (any parameter under a module
+    named ``text_encoder``) get that rate in a group of their own; the rest keep ``weight_decay``."""
     exempt_modules = (nn.Embedding, nn.LayerNorm, nn.GroupNorm)
     exempt_ids = {id(p) for m in module.modules() if isinstance(m, exempt_modules) for p in m.parameters(recurse=False)}
-    decay, no_decay, temperature = [], [], []
+    decay, no_decay, temperature, text_decay = [], [], [], []
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
@@ -59,10 +62,17 @@ def param_groups(module: nn.Module, weight_decay: float, temperature_lr: float |
             temperature.append(param)
             continue
         exempt = param.ndim < 2 or id(param) in exempt_ids or "null_context" in name
-        (no_decay if exempt else decay).append(param)
+        if exempt:
+            no_decay.append(param)
+        elif text_encoder_weight_decay is not None and "text_encoder" in name.split("."):
+            text_decay.append(param)
+        else:
+            decay.append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if temperature:
         groups.append({"params": temperature, "weight_decay": 0.0, "lr": temperature_lr})
+    if text_decay:
+        groups.append({"params": text_decay, "weight_decay": text_encoder_weight_decay})
     return groups
 
 
@@ -70,7 +80,7 @@ def build_optimizer(module: nn.Module, optim: OptimConfig, total_steps: int):
     """torch AdamW (DeepSpeed's own would JIT-compile an op on CPU) with the warmup+cosine schedule.
     Frozen parts (the autoencoder, a frozen text encoder) are not in the optimizer at all."""
     optimizer = torch.optim.AdamW(
-        param_groups(module, optim.weight_decay, optim.temperature_lr), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
+        param_groups(module, optim.weight_decay, optim.temperature_lr, optim.text_encoder_weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, optim.warmup_steps, total_steps, optim.min_lr_ratio)

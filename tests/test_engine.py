@@ -36,6 +36,19 @@ def test_weight_decay_skips_biases_norms_and_embeddings(make_model):
     assert len(with_temperature) == 2  # the bare model has no temperature: no empty third group
 
 
+def test_text_encoder_weight_decay_gets_a_group_of_its_own(make_model):
+    model = make_model()
+    named = dict(model.named_parameters())
+    groups = param_groups(model, weight_decay=0.2, text_encoder_weight_decay=0.01)
+    by_rate = {group["weight_decay"]: {id(p) for p in group["params"]} for group in groups}
+    text_matrices = {id(p) for n, p in named.items() if n.startswith("text_encoder.") and id(p) not in by_rate[0.0]}
+    assert text_matrices and by_rate[0.01] == text_matrices  # every decayed text-encoder weight, nothing else
+    assert id(named["unet.conv_in.weight"]) in by_rate[0.2]
+    assert id(named["text_encoder.model.text_model.embeddings.token_embedding.weight"]) in by_rate[0.0]
+    same_rate = param_groups(model, weight_decay=0.2)
+    assert len(same_rate) == 2 and {id(p) for p in same_rate[0]["params"]} == by_rate[0.2] | by_rate[0.01]
+
+
 def test_deepspeed_config_sets_clipping_and_splits_the_global_batch():
     config = RunConfig()
     ds = deepspeed_config(config, world_size=2, runtime=Runtime(torch.device("cpu"), "gloo", False))
