@@ -59,6 +59,11 @@ class DataConfig:
     # the generation pass reads the clean captions, so generation never sees <|unk|> (the text encoder
     # runs twice per step). Why: dropping words in L_IG's captions is what cost generation (stop 24).
     caption_unk_alignment_only: bool = False
+    # With caption_unk_rate > 0: word dropout starts at this fraction of train.steps (0 = from the first
+    # step). Why a late start: the query structure forms in the first few hundred steps, when few in-batch
+    # negatives separate a two-class attribute (scenes size); noise in the captions then can settle the
+    # text queries on ignoring it. Started later, dropout only teaches reading prompts with unknown words.
+    caption_unk_start_fraction: float = 0.0
 
     def validate(self) -> None:
         if self.source == "shards" and not self.shards:
@@ -76,6 +81,8 @@ class DataConfig:
         if self.caption_unk_alignment_only and self.caption_unk_rate == 0.0:
             raise ValueError("data.caption_unk_alignment_only=true does nothing with data.caption_unk_rate=0; "
                              "set a rate (e.g. 0.1) or drop the flag")
+        if not 0.0 <= self.caption_unk_start_fraction < 1.0:
+            raise ValueError(f"data.caption_unk_start_fraction={self.caption_unk_start_fraction} must be in [0, 1)")
 
     def resolved_eval_set(self) -> str:
         """``eval_set`` with ``auto`` resolved: scenes when training on scenes, else digits."""

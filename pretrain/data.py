@@ -44,6 +44,11 @@ def make_train_stream(config: RunConfig, rank: int, world_size: int) -> ImageTex
     )
 
 
+def caption_unk_start_step(config: RunConfig) -> int:
+    """The first optimizer step whose captions get word dropout (``data.caption_unk_start_fraction``)."""
+    return round(config.data.caption_unk_start_fraction * config.train.steps)
+
+
 def unknown_word_ids(tokens: dict[str, torch.Tensor], tokenizer, rate: float, generator: torch.Generator) -> torch.Tensor:
     """``input_ids`` with each word token (not BOS, EOS or padding) replaced by the tokenizer's unknown
     token with probability ``rate``, drawn from ``generator`` (word dropout, ``data.caption_unk_rate``)."""
