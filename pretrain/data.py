@@ -44,9 +44,15 @@ def make_train_stream(config: RunConfig, rank: int, world_size: int) -> ImageTex
     )
 
 
-def caption_unk_start_step(config: RunConfig) -> int:
-    """The first optimizer step whose captions get word dropout (``data.caption_unk_start_fraction``)."""
-    return round(config.data.caption_unk_start_fraction * config.train.steps)
+def caption_rng_for_step(config: RunConfig, rank: int, step: int) -> torch.Generator | None:
+    """The generator of optimizer step ``step``'s word-dropout draws on ``rank``, or None where no word
+    is dropped (``data.caption_unk_rate`` 0, or before ``data.caption_unk_start_fraction`` of
+    ``train.steps``). Seeded from (train.seed, rank, step) alone, so a resumed run repeats the draws."""
+    data = config.data
+    if data.caption_unk_rate == 0 or step < round(data.caption_unk_start_fraction * config.train.steps):
+        return None
+    step_seed = np.random.SeedSequence([config.train.seed, rank, step]).generate_state(1)
+    return torch.Generator().manual_seed(int(step_seed[0]))
 
 
 def unknown_word_ids(tokens: dict[str, torch.Tensor], tokenizer, rate: float, generator: torch.Generator) -> torch.Tensor:

@@ -34,7 +34,7 @@ from pretrain.checkpoint import Checkpointer, Restored, RNGState, read_marker, s
 from pretrain.checkpoint_store import CheckpointStore
 from pretrain.config import RunConfig
 from pretrain.config_io import dump_yaml
-from pretrain.data import caption_unk_start_step, make_batch, make_train_stream, prepare_tokenizer
+from pretrain.data import caption_rng_for_step, make_batch, make_train_stream, prepare_tokenizer
 from pretrain.diagnostics import collapse_verdict, training_health
 from pretrain.diffusion import DiffDisObjective
 from pretrain.ema import EMA, full_state_dict
@@ -176,11 +176,7 @@ class Trainer:
             objective.set_progress(self.counter.step, self.config.train.steps)
         self.guard.drawn += 1
         self._step_fault, self._step_losses = None, []
-        self.caption_rng = None
-        if self.config.data.caption_unk_rate > 0 and self.counter.step >= caption_unk_start_step(self.config):
-            # the caption augmentation's draws: from (seed, rank, step) alone, so a resumed run repeats them
-            step_seed = np.random.SeedSequence([self.config.train.seed, self.dist.rank, self.counter.step]).generate_state(1)
-            self.caption_rng = torch.Generator().manual_seed(int(step_seed[0]))
+        self.caption_rng = caption_rng_for_step(self.config, self.dist.rank, self.counter.step)
         for _ in range(self.config.train.grad_accum):
             started = time.perf_counter()
             batch = self.next_batch()

@@ -220,3 +220,20 @@ def test_alignment_only_word_dropout_keeps_the_generation_captions_clean(word_to
     assert (dropped_for_alignment["align_input_ids"] == word_tokenizer.unk_token_id).sum() > 10
     with pytest.raises(Exception, match="caption_unk_alignment_only.*caption_unk_rate=0"):
         load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_alignment_only=true"])
+
+
+def test_word_dropout_starts_at_its_fraction_of_training_with_draws_fixed_by_seed_rank_and_step() -> None:
+    from pretrain.config import CONFIGS_DIR, load_run_config  # noqa: PLC0415
+    from pretrain.data import caption_rng_for_step  # noqa: PLC0415
+
+    late = load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=0.1", "data.caption_unk_start_fraction=0.25",
+                                                        "train.steps=400"])
+    assert caption_rng_for_step(late, rank=0, step=99) is None and caption_rng_for_step(late, rank=0, step=100) is not None
+    draw = lambda config, rank, step: torch.rand(4, generator=caption_rng_for_step(config, rank, step))  # noqa: E731
+    assert torch.equal(draw(late, 0, 150), draw(late, 0, 150))  # a resumed run repeats the step's draws
+    assert not torch.equal(draw(late, 0, 150), draw(late, 1, 150)) and not torch.equal(draw(late, 0, 150), draw(late, 0, 151))
+    from_start = load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=0.1"])
+    assert caption_rng_for_step(from_start, rank=0, step=0) is not None
+    assert caption_rng_for_step(load_run_config(CONFIGS_DIR / "demo.yaml", []), rank=0, step=500) is None  # rate 0
+    with pytest.raises(Exception, match="caption_unk_start_fraction"):
+        load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_start_fraction=1.0"])
