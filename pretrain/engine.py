@@ -80,7 +80,8 @@ def build_optimizer(module: nn.Module, optim: OptimConfig, total_steps: int):
     """torch AdamW (DeepSpeed's own would JIT-compile an op on CPU) with the warmup+cosine schedule.
     Frozen parts (the autoencoder, a frozen text encoder) are not in the optimizer at all."""
     optimizer = torch.optim.AdamW(
-        param_groups(module, optim.weight_decay, optim.temperature_lr, optim.text_encoder_weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
+        param_groups(module, optim.weight_decay, optim.temperature_lr, optim.text_encoder_weight_decay),
+        lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, optim.warmup_steps, total_steps, optim.min_lr_ratio)
