@@ -83,6 +83,9 @@ class DataConfig:
                              "set a rate (e.g. 0.1) or drop the flag")
         if not 0.0 <= self.caption_unk_start_fraction < 1.0:
             raise ValueError(f"data.caption_unk_start_fraction={self.caption_unk_start_fraction} must be in [0, 1)")
+        if self.caption_unk_start_fraction > 0.0 and self.caption_unk_rate == 0.0:
+            raise ValueError(f"data.caption_unk_start_fraction={self.caption_unk_start_fraction} does nothing with "
+                             "data.caption_unk_rate=0; set a rate (e.g. 0.1) or drop the start fraction")
 
     def resolved_eval_set(self) -> str:
         """``eval_set`` with ``auto`` resolved: scenes when training on scenes, else digits."""

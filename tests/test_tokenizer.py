@@ -236,4 +236,6 @@ def test_word_dropout_starts_at_its_fraction_of_training_with_draws_fixed_by_see
     assert caption_rng_for_step(from_start, rank=0, step=0) is not None
     assert caption_rng_for_step(load_run_config(CONFIGS_DIR / "demo.yaml", []), rank=0, step=500) is None  # rate 0
     with pytest.raises(Exception, match="caption_unk_start_fraction"):
-        load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_start_fraction=1.0"])
+        load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=0.1", "data.caption_unk_start_fraction=1.0"])
+    with pytest.raises(Exception, match="caption_unk_start_fraction=0.25 does nothing with data.caption_unk_rate=0"):
+        load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_start_fraction=0.25"])
