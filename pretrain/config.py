@@ -53,7 +53,8 @@ class DataConfig:
     # (word dropout). Why: every prompt word the captions never used is one <|unk|>, which training
     # otherwise never shows, so how the text encoder reads it is left to the seed (scenes, design notes
     # "The class prompts' unknown words"). Needs model.text_encoder.tokenizer_kind=word; 0 disables.
-    # Off in every shipped config: at 0.1 on scenes it closed that gap but cost generation (stop 24).
+    # configs/demo.yaml ships 0.1 with the two fields below (alignment pass only, from a third of training):
+    # in both passes from the start, at 0.1 on scenes it closed that gap but cost generation (stop 24).
     caption_unk_rate: float = 0.0
     # With caption_unk_rate > 0: drop words in the captions the alignment pass reads (its query e) only;
     # the generation pass reads the clean captions, so generation never sees <|unk|> (the text encoder

@@ -209,7 +209,7 @@ def test_alignment_only_word_dropout_keeps_the_generation_captions_clean(word_to
 
     samples = [{"caption": c, "image": np.zeros((8, 8, 3), np.uint8)} for c in TRAIN_CAPTIONS * 4]
     runtime = SimpleNamespace(bf16=False)
-    both = load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=0.3"])
+    both = load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=0.3", "data.caption_unk_alignment_only=false"])
     split = load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=0.3", "data.caption_unk_alignment_only=true"])
     clean = tokenize(word_tokenizer, [s["caption"] for s in samples], both.model.text_encoder.max_length)["input_ids"]
     dropped_everywhere = make_batch(samples, word_tokenizer, both, runtime, torch.Generator().manual_seed(3))
@@ -219,7 +219,8 @@ def test_alignment_only_word_dropout_keeps_the_generation_captions_clean(word_to
     assert torch.equal(dropped_for_alignment["align_input_ids"], dropped_everywhere["input_ids"])
     assert (dropped_for_alignment["align_input_ids"] == word_tokenizer.unk_token_id).sum() > 10
     with pytest.raises(Exception, match="caption_unk_alignment_only.*caption_unk_rate=0"):
-        load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_alignment_only=true"])
+        load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=0", "data.caption_unk_start_fraction=0",
+                                                     "data.caption_unk_alignment_only=true"])
 
 
 def test_word_dropout_starts_at_its_fraction_of_training_with_draws_fixed_by_seed_rank_and_step() -> None:
@@ -232,10 +233,12 @@ def test_word_dropout_starts_at_its_fraction_of_training_with_draws_fixed_by_see
     draw = lambda config, rank, step: torch.rand(4, generator=caption_rng_for_step(config, rank, step))  # noqa: E731
     assert torch.equal(draw(late, 0, 150), draw(late, 0, 150))  # a resumed run repeats the step's draws
     assert not torch.equal(draw(late, 0, 150), draw(late, 1, 150)) and not torch.equal(draw(late, 0, 150), draw(late, 0, 151))
-    from_start = load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=0.1"])
+    from_start = load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=0.1", "data.caption_unk_start_fraction=0"])
     assert caption_rng_for_step(from_start, rank=0, step=0) is not None
-    assert caption_rng_for_step(load_run_config(CONFIGS_DIR / "demo.yaml", []), rank=0, step=500) is None  # rate 0
+    no_dropout = ["data.caption_unk_rate=0", "data.caption_unk_start_fraction=0", "data.caption_unk_alignment_only=false"]
+    assert caption_rng_for_step(load_run_config(CONFIGS_DIR / "demo.yaml", no_dropout), rank=0, step=500) is None
     with pytest.raises(Exception, match="caption_unk_start_fraction"):
         load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=0.1", "data.caption_unk_start_fraction=1.0"])
     with pytest.raises(Exception, match="caption_unk_start_fraction=0.25 does nothing with data.caption_unk_rate=0"):
-        load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_start_fraction=0.25"])
+        load_run_config(CONFIGS_DIR / "demo.yaml", ["data.caption_unk_rate=0", "data.caption_unk_alignment_only=false",
+                                                     "data.caption_unk_start_fraction=0.25"])
