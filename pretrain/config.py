@@ -117,6 +117,11 @@ class TrainConfig:
     batch_size: int = 64
     grad_accum: int = 1  # micro batches per optimizer step (DeepSpeed gradient_accumulation_steps)
     seed: int = 0
+    # The seed of the weight initialisation alone; None (default): train.seed seeds it with everything
+    # else. Set, the model is built under init_seed and every random draw of training (data order, noise,
+    # timesteps, word dropout) still follows train.seed, so a seed-dependent result can be split into
+    # "which weights it started from" and "which data it saw in which order" (design notes, point 13).
+    init_seed: int | None = None
     checkpoint_every: int = 100
     keep_last: int = 3  # complete checkpoints kept; 0 keeps all
     log_every: int = 10

@@ -103,7 +103,8 @@ class Trainer:
                              "which ZeRO-3's partitioned parameters and activation checkpointing's recompute do not "
                              "see: use deepspeed.zero_stage<=2 and train.activation_checkpointing=false, or set "
                              "loss.align_grad_to_shared=1 with loss.align_weight=0.05 (configs/demo.yaml says why)")
-        seed_everything(config.train.seed + self.dist.rank)
+        init_seed = config.train.seed if config.train.init_seed is None else config.train.init_seed
+        seed_everything(init_seed + self.dist.rank)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             dump_yaml(config, self.run_dir / "config.yaml")
@@ -117,6 +118,8 @@ class Trainer:
         set_activation_checkpointing(model, config.train.activation_checkpointing)
         apply_kernels(model, config.kernels)  # attention backend, fused GroupNorm+SiLU (before the engine)
         objective = build_objective(model, config, self.dist.rank, self.dist.world_size)
+        if config.train.init_seed is not None:  # the weights are drawn; training's draws follow train.seed
+            seed_everything(config.train.seed + self.dist.rank)
         self.engine = initialize_engine(objective, config, self.dist, self.runtime,
                                         load_universal=saved_world != self.dist.world_size)
         self.ema = EMA(self.model, config.train.ema_decay, keep=self.dist.is_main) if config.train.ema_decay > 0 else None
