@@ -47,6 +47,12 @@ class HealthConfig:
     # the prediction-collapse check starts after this many steps: at init every ê_0 is alike (a random
     # head reads nearly the same token from every image) and that is not yet a failure
     grace_steps: int = 50
+    # the query-collapse check starts after this many steps. A random encoder's queries are spread
+    # (0.66-0.82), so by default a collapse counts from step 1 (a caption column broken upstream shows at
+    # once). A sharp initial temperature (CLIP's 0.07) pulls every query toward the mean prediction while
+    # the predictions are still alike (query spread up to 0.99 to step 90 on digits, 0.3-0.7 after;
+    # benchmarks/RESULTS.md, stop 33): such recipes set this to ~150 (docs/design-notes.md, Training health)
+    query_grace_steps: int = 0
 
     def validate(self) -> None:
         """Self-contained checks; the upper bound of the timesteps is checked against the diffusion
@@ -62,8 +68,9 @@ class HealthConfig:
             raise ValueError(f"collapse_cosine={self.collapse_cosine} must lie in (-1, 1)")
         if self.image_noise_ratio < 0:
             raise ValueError(f"image_noise_ratio={self.image_noise_ratio} must be >= 0")
-        if self.grace_steps < 0:
-            raise ValueError(f"grace_steps={self.grace_steps} must be >= 0")
+        for name in ("grace_steps", "query_grace_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
 
     def check_timesteps(self, num_train_timesteps: int | None) -> None:
         limit = "" if num_train_timesteps is None else f", diffusion.num_train_timesteps={num_train_timesteps}"
@@ -157,15 +164,15 @@ def collapse_verdict(metrics: dict[str, float], config: HealthConfig, step: int 
     """(collapsed, reason) from :func:`training_health`'s numbers; the reason names the number and the
     threshold it crossed ("" when healthy).
 
-    - queries collapsed: ``query_spread`` > ``collapse_cosine``;
-    - predictions collapsed: ``prediction_spread`` > ``collapse_cosine`` (from ``grace_steps`` on;
-      ``step`` None checks it always);
+    - queries collapsed: ``query_spread`` > ``collapse_cosine`` (from ``query_grace_steps`` on);
+    - predictions collapsed: ``prediction_spread`` > ``collapse_cosine`` (from ``grace_steps`` on);
+      ``step`` None checks both always;
     - ê_0 ignores the image: at the highest measured t_e, ``sens_image`` < ``image_noise_ratio`` ·
       ``sens_noise`` (the signature measured before zero-init: 0.0064 vs 0.713 at t_e = 999)."""
     reasons = []
     threshold = config.collapse_cosine
     queries = metrics[f"{PREFIX}query_spread"]
-    if queries > threshold:
+    if queries > threshold and (step is None or step >= config.query_grace_steps):
         reasons.append(f"text queries collapsed (query_spread {queries:.3f} > {threshold})")
     predictions = metrics[f"{PREFIX}prediction_spread"]
     if predictions > threshold and (step is None or step >= config.grace_steps):

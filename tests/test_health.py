@@ -77,6 +77,22 @@ def test_without_zero_init_the_noise_dominates_and_the_verdict_says_so(health_at
     assert health["health/prediction_spread"] < 0.6, health
 
 
+def test_each_spread_check_waits_for_its_grace_steps_and_the_image_check_does_not():
+    spread = {"health/query_spread": 0.95, "health/prediction_spread": 0.97,
+              "health/sens_image_t999": 0.2, "health/sens_noise_t999": 0.01}
+    config = HealthConfig(timesteps=[999], grace_steps=100, query_grace_steps=60)
+    assert collapse_verdict(spread, config, step=50) == (False, "")
+    collapsed, reason = collapse_verdict(spread, config, step=60)
+    assert collapsed and "text queries collapsed (query_spread 0.950" in reason and "prediction" not in reason, reason
+    collapsed, reason = collapse_verdict(spread, config, step=100)
+    assert collapsed and "text queries" in reason and "predictions collapsed (prediction_spread 0.970" in reason
+    assert collapse_verdict(spread, HealthConfig(timesteps=[999]), step=1)[0]  # queries: no grace by default
+    assert collapse_verdict(spread, config)[0]  # no step: judged always
+    blind = {**spread, "health/query_spread": 0.5, "health/prediction_spread": 0.5, "health/sens_image_t999": 0.0001}
+    collapsed, reason = collapse_verdict(blind, config, step=1)
+    assert collapsed and reason.startswith("ê_0 ignores the image"), reason
+
+
 def test_diagnostics_leave_the_global_rng_alone(health_at_init):
     state = torch.get_rng_state()
     health_at_init(zero_init=False)
