@@ -8,7 +8,10 @@ seed, and measures:
 - **discrimination**: held-out zero-shot top-1 (``pretrain.evaluate.evaluate``; on scenes also
   ``top1_shape``/``top1_colour``/``top1_size``) for every model that has a text-query path, and beside
   it a linear probe of the same image queries (``probe_*``, ``pretrain.evaluate.probe_queries``), which
-  says whether a zero-shot miss is the image side's or the class prompts';
+  says whether a zero-shot miss is the image side's or the class prompts'; on scenes also the nearest
+  training-style "a {colour} {shape}" caption (``pair_*``, ``marginal_*``,
+  ``pretrain.evaluate.pair_caption_queries``), which says whether the image queries of a never-seen pair
+  compose it;
 - **generation** (DiffDis vs gen-only): the final L_IG (mean ``loss_gen`` of the last 5 logged
   records of ``metrics.jsonl``: one batch's loss is noisy), the held-out L_IG on fixed draws
   (``pretrain.denoising``: the same (t_z, ε) for every model; conditional and with the null context,
@@ -103,7 +106,8 @@ DATASETS = {
                           module="data_pipeline.scenes"),
 }
 PROBE_METRICS = ("probe_digit", "probe_shape", "probe_colour", "probe_size")
-SUMMARY_METRICS = ("top1", "top1_shape", "top1_colour", "top1_size", *PROBE_METRICS, "l_ig", "l_ig_heldout", "l_ig_heldout_uncond",
+PAIR_METRICS = ("pair_shape", "pair_colour", "marginal_shape", "marginal_colour")  # scenes only
+SUMMARY_METRICS = ("top1", "top1_shape", "top1_colour", "top1_size", *PROBE_METRICS, *PAIR_METRICS, "l_ig", "l_ig_heldout", "l_ig_heldout_uncond",
                    "pf_train_style", "pf_unseen",
                    "pf_train_style_shape", "pf_train_style_colour", "pf_unseen_shape", "pf_unseen_colour",
                    "train_s", "wall_s")
@@ -239,7 +243,7 @@ def run_one(dataset: DatasetSpec, model: ModelSpec, seed: int, steps: int | None
     """Train (unless finished), evaluate, write ``bench.json``; a finished run is read back instead."""
     from pretrain.checkpoint import latest_complete, step_of  # noqa: PLC0415
     from pretrain.config import load_run_config  # noqa: PLC0415
-    from pretrain.evaluate import evaluate, load_checkpoint, probe_queries  # noqa: PLC0415
+    from pretrain.evaluate import evaluate, load_checkpoint, pair_caption_queries, probe_queries  # noqa: PLC0415
 
     overrides = run_overrides(dataset, model, shards, seed, steps)
     config = load_run_config(model.config, overrides)  # a bad override stops here, naming the key
@@ -263,6 +267,7 @@ def run_one(dataset: DatasetSpec, model: ModelSpec, seed: int, steps: int | None
         zeroshot = evaluate(loaded, "zeroshot")
         record.update({k: v for k, v in zeroshot.items() if k.startswith(("top1", "top5"))})
         record.update(probe_queries(loaded))
+        record.update(pair_caption_queries(loaded))
     if model.generation:
         record["l_ig"] = final_l_ig(run_dir / "metrics.jsonl")
         record.update(heldout_l_ig(loaded))
@@ -299,6 +304,18 @@ def _spread(stat: dict | None, digits: int = 3) -> str:
     return f"{stat['min']:.{digits}f} / {stat['median']:.{digits}f} / {stat['max']:.{digits}f} ({stat['n']})"
 
 
+def _print_block(title: str, metrics: tuple[str, ...], summary: dict[str, dict]) -> None:
+    """One min / median / max table of the ``metrics`` any summary entry has; nothing when none has one."""
+    present = [m for m in metrics if any(m in e for e in summary.values())]
+    if not present:
+        return
+    print(f"\n{title}")
+    print(f"{'dataset/model':<18}" + "".join(f"{c:>28}" for c in present))
+    for key, entry in summary.items():
+        if any(c in entry for c in present):
+            print(f"{key:<18}" + "".join(f"{_spread(entry.get(c)):>28}" for c in present))
+
+
 def print_tables(summary: dict[str, dict], runs: list[dict], judge_accuracy: dict[str, float]) -> None:
     columns = [m for m in ("top1", "top1_shape", "top1_colour", "top1_size") if any(m in e for e in summary.values())]
     print("\nheld-out zero-shot accuracy: min / median / max over seeds (n)")
@@ -306,14 +323,11 @@ def print_tables(summary: dict[str, dict], runs: list[dict], judge_accuracy: dic
     for key, entry in summary.items():
         if any(c in entry for c in columns):
             print(f"{key:<18}" + "".join(f"{_spread(entry.get(c)):>28}" for c in columns))
-    probes = [m for m in PROBE_METRICS if any(m in e for e in summary.values())]
-    if probes:
-        print("\nlinear probe on the image queries, held-out accuracy (high probe, low zero-shot: the class"
-              " prompts miss what the image side holds)")
-        print(f"{'dataset/model':<18}" + "".join(f"{c:>28}" for c in probes))
-        for key, entry in summary.items():
-            if any(c in entry for c in probes):
-                print(f"{key:<18}" + "".join(f"{_spread(entry.get(c)):>28}" for c in probes))
+    _print_block("linear probe on the image queries, held-out accuracy (high probe, low zero-shot: the class"
+                 " prompts miss what the image side holds)", PROBE_METRICS, summary)
+    _print_block("the image queries against training-style 'a {colour} {shape}' captions: the nearest caption's"
+                 " attribute (pair_*) and each class's captions averaged over the other attribute (marginal_*)",
+                 PAIR_METRICS, summary)
     generating = {k: e for k, e in summary.items() if "pf_train_style" in e or "l_ig" in e}
     if generating:
         print("\ngeneration: final L_IG (training log), held-out L_IG on fixed draws (with captions / null context)"

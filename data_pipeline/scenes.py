@@ -64,6 +64,8 @@ TRAIN_TEMPLATES: tuple[str, ...] = (
     "one {colour} {shape}, {size}",
 )
 
+PAIR_TEMPLATE_INDEX = TRAIN_TEMPLATES.index("a {colour} {shape}")  # the shape-colour caption of pretrain.evaluate.pair_caption_queries
+
 # Per task; `{word}` is the attribute word. No other word occurs in a training caption (a test checks).
 EVAL_TEMPLATES: dict[str, tuple[str, ...]] = {
     "shape": ("picture showing {word}", "here we see {word}", "{word} drawn by hand", "something shaped like {word}"),

@@ -20,7 +20,7 @@ from pretrain.checkpoint import COMPLETE, is_complete, latest_complete, step_of
 from pretrain.config import RunConfig
 from pretrain.config_io import load_config
 from pretrain.eval_metrics import linear_probe_accuracy
-from pretrain.inference import class_queries, image_queries, retrieval, sample_images, topk_accuracy, zero_shot_classify
+from pretrain.inference import class_queries, encode_captions, image_queries, retrieval, sample_images, topk_accuracy, zero_shot_classify
 from pretrain.model import ClipModel, DiffDisModel, load_pretrained
 from pretrain.model.tokenizer import load_tokenizer
 
@@ -151,6 +151,51 @@ def probe_queries(loaded: LoadedCheckpoint, train_samples: int = 2080) -> dict[s
     return {f"probe_{task}": linear_probe_accuracy(queries["train"], labels["train"][task], queries["heldout"],
                                                    labels["heldout"][task])
             for task in labels["heldout"]}
+
+
+@torch.no_grad()
+def pair_caption_queries(loaded: LoadedCheckpoint) -> dict[str, float]:
+    """Scenes only: where a shape or colour miss comes from, scored with training-style captions.
+
+    Every held-out image query is scored against the 64 captions "a {colour} {shape}" (never-seen pairs
+    included; the text encoder composes them from seen words):
+
+    - ``pair_{shape,colour}``: the attribute of the nearest such caption is right. High here, low
+      ``top1_*``: the image queries compose the pair, and the miss is in how the one-attribute class
+      prompts are read;
+    - ``marginal_{shape,colour}``: top-1 against each class's caption queries averaged over the other
+      attribute (a colour is "a {colour} {shape}" over all shapes). Low here too: the image queries of a
+      never-seen pair lean to the seen pair that shares the shape (or colour), a composition miss that
+      no one-attribute prompt can undo.
+
+    An eval-time stop-36 diagnostic; ``{}`` for other eval sets."""
+    config = loaded.config
+    if config.data.resolved_eval_set() != "scenes":
+        return {}
+    pixels, labels = labelled_images(config, "heldout")
+    queries = image_queries(loaded.model, pixels, config.diffusion, config.eval.ddim_steps, config.eval.guidance,
+                            seed=config.eval.seed)
+    captions = [scenes.caption_for(scenes.encode_label(shape, colour, 0, 0), scenes.PAIR_TEMPLATE_INDEX)
+                for shape in range(len(scenes.SHAPES)) for colour in range(len(scenes.COLOURS))]
+    _, caption_queries = encode_captions(loaded.model, loaded.tokenizer, captions)
+    grid = caption_queries.float().view(len(scenes.SHAPES), len(scenes.COLOURS), -1)
+    return pair_caption_scores(queries.float().to(grid.device), grid, labels)
+
+
+def pair_caption_scores(queries: torch.Tensor, grid: torch.Tensor, labels: dict[str, np.ndarray]) -> dict[str, float]:
+    """The figures of :func:`pair_caption_queries` from image ``queries`` (N, d), the caption queries
+    ``grid`` (shapes, colours, d) and per-task ``labels`` (``shape`` and ``colour`` class indices)."""
+    grid = torch.nn.functional.normalize(grid, dim=-1)
+    queries = torch.nn.functional.normalize(queries, dim=-1)
+    nearest = (queries @ grid.flatten(0, 1).T).argmax(1).cpu().numpy()
+    predicted = {"shape": nearest // grid.shape[1], "colour": nearest % grid.shape[1]}
+    marginal = {"shape": grid.mean(1), "colour": grid.mean(0)}
+    metrics = {}
+    for task in ("shape", "colour"):
+        metrics[f"pair_{task}"] = float((predicted[task] == labels[task]).mean())
+        scores = queries @ torch.nn.functional.normalize(marginal[task], dim=-1).T
+        metrics[f"marginal_{task}"] = float((scores.argmax(1).cpu().numpy() == labels[task]).mean())
+    return metrics
 
 
 def evaluate(loaded: LoadedCheckpoint, task: str, steps: int | None = None, guidance: float | None = None) -> dict:

@@ -286,7 +286,7 @@ def test_tiny_training_on_scenes_evaluates_per_attribute(tmp_path):
     import json  # noqa: PLC0415
 
     from pretrain.config import CONFIGS_DIR, load_run_config  # noqa: PLC0415
-    from pretrain.evaluate import evaluate, heldout_data, load_checkpoint, probe_queries  # noqa: PLC0415
+    from pretrain.evaluate import evaluate, heldout_data, load_checkpoint, pair_caption_queries, probe_queries  # noqa: PLC0415
     from pretrain.trainer import Trainer  # noqa: PLC0415
 
     config = load_run_config(CONFIGS_DIR / "tiny.yaml", [
@@ -315,3 +315,28 @@ def test_tiny_training_on_scenes_evaluates_per_attribute(tmp_path):
     # colour is nearly linear in the pixels and ê_0 reads the image from the first step (zero-init
     # query path): far above chance (1/8) even after 30 steps
     assert probe["probe_colour"] >= PROBE_COLOUR_MIN, probe
+    pairs = pair_caption_queries(loaded)
+    assert sorted(pairs) == ["marginal_colour", "marginal_shape", "pair_colour", "pair_shape"]
+    assert all(0.0 <= v <= 1.0 for v in pairs.values()), pairs
+
+
+def test_pair_caption_scores_place_a_miss_on_composition_or_on_one_attribute():
+    """Image queries at their own pair's caption score 1 on every figure; queries at the caption of the
+    pair that shares the shape and has the next colour (a composition miss) keep shape and lose colour
+    on both figures."""
+    import torch  # noqa: PLC0415
+
+    from pretrain.evaluate import pair_caption_scores  # noqa: PLC0415
+
+    generator = torch.Generator().manual_seed(0)
+    shapes, colours, dim = len(scenes.SHAPES), len(scenes.COLOURS), 96
+    shape_axis, colour_axis = torch.randn(shapes, dim, generator=generator), torch.randn(colours, dim, generator=generator)
+    grid = shape_axis[:, None] + colour_axis[None] + 0.3 * torch.randn(shapes, colours, dim, generator=generator)
+    shape = torch.arange(shapes).repeat_interleave(colours)
+    colour = torch.arange(colours).repeat(shapes)
+    labels = {"shape": shape.numpy(), "colour": colour.numpy()}
+    right = pair_caption_scores(grid[shape, colour], grid, labels)
+    assert right == {"pair_shape": 1.0, "marginal_shape": 1.0, "pair_colour": 1.0, "marginal_colour": 1.0}
+    leaning = pair_caption_scores(grid[shape, (colour + 1) % colours], grid, labels)
+    assert leaning["pair_shape"] == leaning["marginal_shape"] == 1.0
+    assert leaning["pair_colour"] == leaning["marginal_colour"] == 0.0
