@@ -106,8 +106,9 @@ DATASETS = {
                           module="data_pipeline.scenes"),
 }
 PROBE_METRICS = ("probe_digit", "probe_shape", "probe_colour", "probe_size")
+JOINT_METRICS = ("joint_shape", "joint_colour")  # scenes only
 PAIR_METRICS = ("pair_shape", "pair_colour", "marginal_shape", "marginal_colour")  # scenes only
-SUMMARY_METRICS = ("top1", "top1_shape", "top1_colour", "top1_size", *PROBE_METRICS, *PAIR_METRICS, "l_ig", "l_ig_heldout", "l_ig_heldout_uncond",
+SUMMARY_METRICS = ("top1", "top1_shape", "top1_colour", "top1_size", *JOINT_METRICS, *PROBE_METRICS, *PAIR_METRICS, "l_ig", "l_ig_heldout", "l_ig_heldout_uncond",
                    "pf_train_style", "pf_unseen",
                    "pf_train_style_shape", "pf_train_style_colour", "pf_unseen_shape", "pf_unseen_colour",
                    "train_s", "wall_s")
@@ -265,7 +266,7 @@ def run_one(dataset: DatasetSpec, model: ModelSpec, seed: int, steps: int | None
                     "batch_size": config.train.batch_size, "run_dir": str(run_dir)}
     if model.zeroshot:
         zeroshot = evaluate(loaded, "zeroshot")
-        record.update({k: v for k, v in zeroshot.items() if k.startswith(("top1", "top5"))})
+        record.update({k: v for k, v in zeroshot.items() if k.startswith(("top1", "top5", "joint"))})
         record.update(probe_queries(loaded))
         record.update(pair_caption_queries(loaded))
     if model.generation:
@@ -323,6 +324,8 @@ def print_tables(summary: dict[str, dict], runs: list[dict], judge_accuracy: dic
     for key, entry in summary.items():
         if any(c in entry for c in columns):
             print(f"{key:<18}" + "".join(f"{_spread(entry.get(c)):>28}" for c in columns))
+    _print_block("joint zero-shot: the attributes of the best-scoring two-attribute prompt ('painted {colour}"
+                 " {shape}', eval words only)", JOINT_METRICS, summary)
     _print_block("linear probe on the image queries, held-out accuracy (high probe, low zero-shot: the class"
                  " prompts miss what the image side holds)", PROBE_METRICS, summary)
     _print_block("the image queries against training-style 'a {colour} {shape}' captions: the nearest caption's"

@@ -73,6 +73,13 @@ EVAL_TEMPLATES: dict[str, tuple[str, ...]] = {
     "size": ("picture showing something {word}", "here we see {word} stuff", "{word} thing", "{word} object drawn"),
 }
 
+# Two-attribute prompts (eval words only, like EVAL_TEMPLATES) for the joint zero-shot reading of shape and
+# colour (pretrain.evaluate.zero_shot_scenes, ``joint_*``): the best-scoring (colour, shape) prompt names both.
+EVAL_PAIR_TEMPLATES: tuple[str, ...] = (
+    "picture showing {colour} {shape}", "here we see {colour} {shape}", "{colour} {shape} drawn by hand",
+    "painted {colour} {shape}",
+)
+
 SplitName = Literal["train", "heldout"]
 _SPLIT_CODES = {"train": 0, "heldout": 1}
 DEFAULT_SAMPLES: dict[str, int] = {"train": 4160, "heldout": 480}  # 40 per train triple, 20 per held-out triple
@@ -289,6 +296,11 @@ def class_prompts(task: str, templates: Sequence[str] | None = None) -> list[lis
         raise ValueError(f"unknown scenes task {task!r}: expected one of {', '.join(TASKS)}")
     templates = EVAL_TEMPLATES[task] if templates is None else templates
     return [[_fill(t, word=word) for t in templates] for word in TASK_CLASSES[task]]
+
+
+def pair_prompts(templates: Sequence[str] = EVAL_PAIR_TEMPLATES) -> list[list[str]]:
+    """Prompt ensembles of every (shape, colour) pair, shape-major: entry ``shape * len(COLOURS) + colour``."""
+    return [[_fill(t, shape=shape, colour=colour) for t in templates] for shape in SHAPES for colour in COLOURS]
 
 
 def all_training_captions(split_seed: int = 0) -> list[str]:

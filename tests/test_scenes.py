@@ -210,6 +210,14 @@ def test_eval_templates_share_only_attribute_words_with_training_captions():
             assert len(per_class) == len(EVAL_TEMPLATES[task]) and all(word in _words(p) for p in per_class)
             assert all(_words(p) & attribute_words == {word} for p in per_class)  # only the task's attribute
     assert len(TRAIN_TEMPLATES) >= 8 and len(set(scenes.all_training_captions())) > 1000
+    for template in scenes.EVAL_PAIR_TEMPLATES:
+        others = _words(template.replace("{colour}", " ").replace("{shape}", " "))
+        assert others and others.isdisjoint(train_vocab), (template, others & train_vocab)
+    pairs = scenes.pair_prompts()
+    assert len(pairs) == len(SHAPES) * len(COLOURS)
+    for index, per_pair in enumerate(pairs):
+        shape, colour = SHAPES[index // len(COLOURS)], COLOURS[index % len(COLOURS)]
+        assert all(_words(p) & attribute_words == {shape, colour} for p in per_pair), per_pair
 
 
 # --- sharding -------------------------------------------------------------------------------
@@ -315,6 +323,7 @@ def test_tiny_training_on_scenes_evaluates_per_attribute(tmp_path):
     # colour is nearly linear in the pixels and ê_0 reads the image from the first step (zero-init
     # query path): far above chance (1/8) even after 30 steps
     assert probe["probe_colour"] >= PROBE_COLOUR_MIN, probe
+    assert all(0.0 <= result[f"joint_{task}"] <= 1.0 for task in ("shape", "colour")), result
     pairs = pair_caption_queries(loaded)
     assert sorted(pairs) == ["marginal_colour", "marginal_shape", "pair_colour", "pair_shape"]
     assert all(0.0 <= v <= 1.0 for v in pairs.values()), pairs
@@ -340,3 +349,20 @@ def test_pair_caption_scores_place_a_miss_on_composition_or_on_one_attribute():
     leaning = pair_caption_scores(grid[shape, (colour + 1) % colours], grid, labels)
     assert leaning["pair_shape"] == leaning["marginal_shape"] == 1.0
     assert leaning["pair_colour"] == leaning["marginal_colour"] == 0.0
+
+
+def test_joint_attributes_are_read_off_the_best_pair_shape_major():
+    import torch  # noqa: PLC0415
+
+    from pretrain.evaluate import joint_attribute_accuracy  # noqa: PLC0415
+
+    colours = len(COLOURS)
+    truth = {"shape": np.array([0, 2, 7]), "colour": np.array([1, 5, 7])}
+    scores = torch.zeros(3, len(SHAPES) * colours)
+    scores[0, 0 * colours + 1] = 1.0  # both right
+    scores[1, 2 * colours + 4] = 1.0  # shape right, colour wrong
+    scores[2, 6 * colours + 7] = 1.0  # colour right, shape wrong
+    assert joint_attribute_accuracy(scores, truth) == {"joint_shape": pytest.approx(2 / 3), "joint_colour": pytest.approx(2 / 3)}
+    scores[1, 2 * colours + 5] = 2.0
+    scores[2, 7 * colours + 7] = 2.0
+    assert joint_attribute_accuracy(scores, truth) == {"joint_shape": 1.0, "joint_colour": 1.0}
