@@ -6,7 +6,8 @@ with the Ray pipeline, as ``diffdis demo`` does) with the recipe of ``configs/de
 seed, and measures:
 
 - **discrimination**: held-out zero-shot top-1 (``pretrain.evaluate.evaluate``; on scenes also
-  ``top1_shape``/``top1_colour``/``top1_size``) for every model that has a text-query path, and beside
+  ``top1_shape``/``top1_colour``/``top1_size``, and ``joint_shape``/``joint_colour`` from two-attribute
+  prompts) for every model that has a text-query path, and beside
   it a linear probe of the same image queries (``probe_*``, ``pretrain.evaluate.probe_queries``), which
   says whether a zero-shot miss is the image side's or the class prompts'; on scenes also the nearest
   training-style "a {colour} {shape}" caption (``pair_*``, ``marginal_*``,
