@@ -20,7 +20,7 @@ from pretrain.checkpoint import COMPLETE, is_complete, latest_complete, step_of
 from pretrain.config import RunConfig
 from pretrain.config_io import load_config
 from pretrain.eval_metrics import linear_probe_accuracy
-from pretrain.inference import class_queries, encode_captions, image_queries, retrieval, sample_images, topk_accuracy, zero_shot_classify
+from pretrain.inference import class_queries, image_queries, retrieval, sample_images, topk_accuracy, zero_shot_classify
 from pretrain.model import ClipModel, DiffDisModel, load_pretrained
 from pretrain.model.tokenizer import load_tokenizer
 
@@ -131,9 +131,9 @@ def zero_shot_scenes(model, tokenizer, pixels: torch.Tensor, labels: torch.Tenso
     return {**metrics, "n": len(labels)}
 
 
-def joint_attribute_accuracy(pair_scores: torch.Tensor, truth: dict[str, np.ndarray]) -> dict[str, float]:
-    """``joint_shape``/``joint_colour``: the attributes of each image's best-scoring (shape, colour) prompt
-    ensemble. ``pair_scores`` is (N, shapes x colours), shape-major as ``scenes.pair_prompts``.
+def joint_attribute_accuracy(pair_scores: torch.Tensor, truth: dict[str, np.ndarray], prefix: str = "joint") -> dict[str, float]:
+    """``{prefix}_shape``/``{prefix}_colour``: the attributes of each image's best-scoring (shape, colour)
+    prompt ensemble. ``pair_scores`` is (N, shapes x colours), shape-major as ``scenes.pair_prompts``.
 
     Beside ``top1_*``, not instead of it: a one-attribute prompt asks the text encoder to place "painted
     white" where every white object's queries lie, which it can only learn from captions that always
@@ -141,8 +141,8 @@ def joint_attribute_accuracy(pair_scores: torch.Tensor, truth: dict[str, np.ndar
     (design notes 14)."""
     best = pair_scores.argmax(1).cpu().numpy()
     colours = len(scenes.COLOURS)
-    return {"joint_shape": float((best // colours == truth["shape"]).mean()),
-            "joint_colour": float((best % colours == truth["colour"]).mean())}
+    return {f"{prefix}_shape": float((best // colours == truth["shape"]).mean()),
+            f"{prefix}_colour": float((best % colours == truth["colour"]).mean())}
 
 
 def labelled_images(config: RunConfig, split: str, limit: int | None = None) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
@@ -192,10 +192,8 @@ def pair_caption_queries(loaded: LoadedCheckpoint) -> dict[str, float]:
     pixels, labels = labelled_images(config, "heldout")
     queries = image_queries(loaded.model, pixels, config.diffusion, config.eval.ddim_steps, config.eval.guidance,
                             seed=config.eval.seed)
-    captions = [scenes.caption_for(scenes.encode_label(shape, colour, 0, 0), scenes.PAIR_TEMPLATE_INDEX)
-                for shape in range(len(scenes.SHAPES)) for colour in range(len(scenes.COLOURS))]
-    _, caption_queries = encode_captions(loaded.model, loaded.tokenizer, captions)
-    grid = caption_queries.float().view(len(scenes.SHAPES), len(scenes.COLOURS), -1)
+    captions = scenes.pair_prompts((scenes.TRAIN_TEMPLATES[scenes.PAIR_TEMPLATE_INDEX],))
+    grid = class_queries(loaded.model, loaded.tokenizer, captions).float().view(len(scenes.SHAPES), len(scenes.COLOURS), -1)
     return pair_caption_scores(queries.float().to(grid.device), grid, labels)
 
 
@@ -204,12 +202,9 @@ def pair_caption_scores(queries: torch.Tensor, grid: torch.Tensor, labels: dict[
     ``grid`` (shapes, colours, d) and per-task ``labels`` (``shape`` and ``colour`` class indices)."""
     grid = torch.nn.functional.normalize(grid, dim=-1)
     queries = torch.nn.functional.normalize(queries, dim=-1)
-    nearest = (queries @ grid.flatten(0, 1).T).argmax(1).cpu().numpy()
-    predicted = {"shape": nearest // grid.shape[1], "colour": nearest % grid.shape[1]}
+    metrics = joint_attribute_accuracy(queries @ grid.flatten(0, 1).T, labels, prefix="pair")
     marginal = {"shape": grid.mean(1), "colour": grid.mean(0)}
-    metrics = {}
     for task in ("shape", "colour"):
-        metrics[f"pair_{task}"] = float((predicted[task] == labels[task]).mean())
         scores = queries @ torch.nn.functional.normalize(marginal[task], dim=-1).T
         metrics[f"marginal_{task}"] = float((scores.argmax(1).cpu().numpy() == labels[task]).mean())
     return metrics
