@@ -107,9 +107,10 @@ DATASETS = {
                           module="data_pipeline.scenes"),
 }
 PROBE_METRICS = ("probe_digit", "probe_shape", "probe_colour", "probe_size")
+ZEROSHOT_METRICS = ("top1", "top1_shape", "top1_colour", "top1_size")
 JOINT_METRICS = ("joint_shape", "joint_colour")  # scenes only
 PAIR_METRICS = ("pair_shape", "pair_colour", "marginal_shape", "marginal_colour")  # scenes only
-SUMMARY_METRICS = ("top1", "top1_shape", "top1_colour", "top1_size", *JOINT_METRICS, *PROBE_METRICS, *PAIR_METRICS, "l_ig", "l_ig_heldout", "l_ig_heldout_uncond",
+SUMMARY_METRICS = (*ZEROSHOT_METRICS, *JOINT_METRICS, *PROBE_METRICS, *PAIR_METRICS, "l_ig", "l_ig_heldout", "l_ig_heldout_uncond",
                    "pf_train_style", "pf_unseen",
                    "pf_train_style_shape", "pf_train_style_colour", "pf_unseen_shape", "pf_unseen_colour",
                    "train_s", "wall_s")
@@ -319,12 +320,7 @@ def _print_block(title: str, metrics: tuple[str, ...], summary: dict[str, dict])
 
 
 def print_tables(summary: dict[str, dict], runs: list[dict], judge_accuracy: dict[str, float]) -> None:
-    columns = [m for m in ("top1", "top1_shape", "top1_colour", "top1_size") if any(m in e for e in summary.values())]
-    print("\nheld-out zero-shot accuracy: min / median / max over seeds (n)")
-    print(f"{'dataset/model':<18}" + "".join(f"{c:>28}" for c in columns))
-    for key, entry in summary.items():
-        if any(c in entry for c in columns):
-            print(f"{key:<18}" + "".join(f"{_spread(entry.get(c)):>28}" for c in columns))
+    _print_block("held-out zero-shot accuracy: min / median / max over seeds (n)", ZEROSHOT_METRICS, summary)
     _print_block("joint zero-shot: the attributes of the best-scoring two-attribute prompt ('painted {colour}"
                  " {shape}', eval words only)", JOINT_METRICS, summary)
     _print_block("linear probe on the image queries, held-out accuracy (high probe, low zero-shot: the class"
