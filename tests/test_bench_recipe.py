@@ -78,3 +78,15 @@ def test_baselines_are_the_demo_recipe_with_one_task_switched_off(bench, tmp_pat
     assert (configs["gen-only"].model.discrimination, configs["gen-only"].loss.align_weight) == (False, 0.0)
     # the demo recipe's (configs/demo.yaml): METHOD's lambda, both losses training the text encoder
     assert (configs["diffdis"].loss.align_weight, configs["diffdis"].loss.text_grad_from_generation) == (1.0, True)
+
+
+def test_each_dataset_trains_for_its_benchmark_length_unless_steps_is_given(bench, tmp_path):
+    diffdis = bench.MODELS["diffdis"]
+
+    def steps_of(dataset: str, steps: int | None) -> int:
+        overrides = bench.run_overrides(bench.DATASETS[dataset], diffdis, tmp_path, 0, steps)
+        return load_run_config(diffdis.config, overrides).train.steps
+
+    assert steps_of("digits", None) == load_run_config(diffdis.config).train.steps == 620  # the recipe's own
+    assert steps_of("scenes", None) == 3720
+    assert steps_of("scenes", 40) == steps_of("digits", 40) == 40  # --steps (and --quick's) win
