@@ -31,8 +31,8 @@ Models (all from the same code and trainer, same steps, batch, optimizer and dat
 Datasets: ``digits`` (configs/data/digits.yaml) and ``scenes`` (configs/data/scenes.yaml, shard source
 ``scenes:train``, run override ``data.eval_set=scenes``). Every run takes ``model.image_size`` and
 ``data.split_seed`` from the shard config, so it is evaluated on the split its shards held out. Digits
-train for the recipe's 620 steps, scenes for 3720 (57 epochs of 4,160 images: the length at which the four fresh
-scenes draws the recipe missed at 1860 meet every goal; RESULTS stops 40-42); ``--steps`` sets one length for every run.
+train for the recipe's 620 steps, scenes for 3720 (57 epochs of 4,160 images: the length at which all ten scenes
+draws measured meet every goal, against 7 of 14 at 1860; RESULTS stops 40-42); ``--steps`` sets one length for every run.
 A model or dataset whose config is missing from this checkout is reported as "not available in
 this checkout" and the rest runs; the defaults are all that exist.
 
@@ -96,7 +96,7 @@ class DatasetSpec:
     # The benchmark's length on this dataset when --steps is not given; None: the recipe's own (620 in
     # configs/demo.yaml, sized for 1,438 digits). Scenes has 4,160 training images and two attributes that
     # must compose on never-seen pairs: at 1860 steps the shipped recipe met every goal on 7 of 14 draws;
-    # at 3720 it met them on all four fresh draws it had missed (benchmarks/RESULTS.md, stops 40-42).
+    # at 3720 on all ten draws measured (seeds 0-7, 10, 11; benchmarks/RESULTS.md, stops 40-42).
     steps: int | None = None
 
 
